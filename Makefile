@@ -1,0 +1,43 @@
+# The two commands of the README: `make demo` and `make test`. Both work from a fresh clone:
+# they create .venv (if absent), install torch 2.13.0 only when no torch is importable there
+# (never letting pip pick a CUDA build), build stp_fast with its C++ extension, then run.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.stp_fast-installed
+SOURCES := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
+
+.PHONY: demo test install bench lint clean
+
+demo: $(STAMP)
+	$(VENV)/bin/stp-fast bench masked_linear
+
+test: $(STAMP)
+	STP_FAST_REQUIRE_EXT=1 $(PY) -m pytest $(PYTEST_ARGS)
+
+install: $(STAMP)
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): $(PY) $(SOURCES)
+	@if $(PY) -c "import torch" >/dev/null 2>&1; then \
+		echo "torch already importable: $$($(PY) -c 'import torch; print(torch.__version__)')"; \
+	else \
+		$(PIP) install torch==2.13.0; \
+	fi
+	$(PIP) install "setuptools>=64" wheel ninja
+	$(PIP) install --no-build-isolation -e ".[test]"
+	@touch $(STAMP)
+
+bench: $(STAMP)
+	$(PY) -m pytest benchmarks -m benchmark -p no:cacheprovider $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(PIP) install -q ruff
+	$(VENV)/bin/ruff check stp_fast kernels tests benchmarks setup.py
+
+clean:
+	rm -rf build dist *.egg-info stp_fast/_C*.so stp_fast/_build_info.json $(STAMP)

@@ -1,0 +1,3 @@
+from stp_fast.cli import main
+
+raise SystemExit(main())
