@@ -43,9 +43,10 @@ def load_error() -> str:
     """Why the extension is not loaded ('' when it is, or has not been tried)."""
     if os.environ.get("STP_FAST_NO_EXT", "0") == "1":
         return "STP_FAST_NO_EXT=1"
-    if _load_error:
-        return _load_error[0]
-    return build_info().get("reason", "")
+    reason = build_info().get("reason", "")
+    if reason:  # the build skipped the extension: that is the real reason, not the ImportError
+        return f"not built: {reason}"
+    return _load_error[0] if _load_error else ""
 
 
 def build_info() -> dict[str, Any]:
