@@ -7,6 +7,23 @@ pure-PyTorch reference beside it (``<op>_ref``).  See ``stp_fast.ops._backend`` 
 
 from stp_fast.ops import _ext_schemas  # noqa: F401  (defines the extension's private op schemas)
 from stp_fast.ops._backend import BackendUnavailableError, force_backend
+from stp_fast.ops.masked_conv2d import masked_conv2d, masked_conv2d_ref
 from stp_fast.ops.masked_linear import masked_linear, masked_linear_ref
+from stp_fast.ops.multi_subnet_batch_norm import multi_subnet_batch_norm, multi_subnet_batch_norm_ref
+from stp_fast.ops.multi_subnet_conv2d import multi_subnet_conv2d, multi_subnet_conv2d_ref
+from stp_fast.ops.multi_subnet_linear import multi_subnet_linear, multi_subnet_linear_ref
 
-__all__ = ["BackendUnavailableError", "force_backend", "masked_linear", "masked_linear_ref"]
+__all__ = [
+    "BackendUnavailableError",
+    "force_backend",
+    "masked_conv2d",
+    "masked_conv2d_ref",
+    "masked_linear",
+    "masked_linear_ref",
+    "multi_subnet_batch_norm",
+    "multi_subnet_batch_norm_ref",
+    "multi_subnet_conv2d",
+    "multi_subnet_conv2d_ref",
+    "multi_subnet_linear",
+    "multi_subnet_linear_ref",
+]
