@@ -25,10 +25,13 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    import importlib
+
     import torch
 
     from stp_fast import info
-    from stp_fast.bench import masked_linear as bench
+
+    bench = importlib.import_module(f"stp_fast.bench.{args.what}")
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
@@ -37,7 +40,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     env = info.collect()
     where = env["gpu"] or f"CPU, {env['cpu_threads']} threads"
-    print(f"masked_linear benchmark -- measured now on {where}, torch {env['torch']}, {args.dtype}; "
+    print(f"{args.what} benchmark -- measured now on {where}, torch {env['torch']}, {args.dtype}; "
           f"p50 of repeated runs")  # fmt: skip
     start = time.perf_counter()
     rows = bench.run(quick=args.quick, device=device, dtype=dtype)
@@ -62,6 +65,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+BENCHMARKS = ["masked_linear", "masked_conv2d", "multi_subnet"]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stp-fast", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -71,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_info)
 
     p = sub.add_parser("bench", help="run a benchmark, print its table (and optionally write JSON)")
-    p.add_argument("what", choices=["masked_linear"], help="which benchmark")
+    p.add_argument("what", choices=BENCHMARKS, help="which benchmark")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when visible, else cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     p.add_argument("--quick", action="store_true", help="fewer shapes and shorter timing (a smoke run)")

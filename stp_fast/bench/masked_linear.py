@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from stp_fast.bench._timing import measure
+from stp_fast.bench._table import render as render_table
+from stp_fast.bench._table import sweep
 from stp_fast.ops import masked_linear
 
 PROVIDERS = ("stp_fast", "stp_fast_prefix", "sliced", "masked")
@@ -98,36 +99,16 @@ def setup(case: Case, provider: str, mode: str, *, device: str = "cpu", dtype=to
     return fwd_bwd
 
 
+def flops(case: Case, mode: str) -> float:
+    useful = 2 * case.m * round(case.density * case.n) * round(case.density * case.k)
+    return useful * (3 if mode == "fwd+bwd" else 1)
+
+
 def run(quick: bool = False, device: str = "cpu", dtype=torch.float32) -> list[dict]:
     """Measure every case x provider x mode; returns rows with p50/p20/p80 in ms."""
-    rows = []
-    for case in cases(quick, device):
-        for mode in MODES:
-            for provider in PROVIDERS:
-                t = measure(
-                    setup(case, provider, mode, device=device, dtype=dtype), device, min_time=0.15 if quick else 0.4
-                )
-                flops = 2 * case.m * round(case.density * case.n) * round(case.density * case.k)
-                flops *= 3 if mode == "fwd+bwd" else 1
-                rows.append({"family": "masked_linear", "case": case.label, "density": case.density,
-                             "mode": mode, "provider": provider, "dtype": str(dtype).replace("torch.", ""),
-                             **t, "gflops": flops / (t["p50"] * 1e6)})  # fmt: skip
-    return rows
+    return sweep("masked_linear", cases(quick, device), PROVIDERS, MODES, setup, flops, device=device, dtype=dtype,
+                 quick=quick)  # fmt: skip
 
 
 def render(rows: list[dict]) -> str:
-    """A table: one line per case and mode, p50 ms per provider, and stp_fast's speed-ups."""
-    lines = [
-        f"{'case':<26} {'mode':<8} " + " ".join(f"{p:>15}" for p in PROVIDERS)
-        + f" {'vs sliced':>10} {'vs masked':>10}"
-    ]  # fmt: skip
-    keyed = {(r["case"], r["mode"], r["provider"]): r for r in rows}
-    for case, mode in dict.fromkeys((r["case"], r["mode"]) for r in rows):
-        t = {p: keyed[(case, mode, p)]["p50"] for p in PROVIDERS if (case, mode, p) in keyed}
-        cells = " ".join(f"{t[p]:>12.3f} ms" if p in t else f"{'-':>15}" for p in PROVIDERS)
-        best = min(t.get("stp_fast", float("inf")), t.get("stp_fast_prefix", float("inf")))
-        lines.append(f"{case:<26} {mode:<8} {cells} {t['sliced'] / best:>9.2f}x {t['masked'] / best:>9.2f}x")
-    lines.append(
-        "vs sliced / vs masked: time of that baseline / time of the faster stp_fast provider (>1: stp_fast faster)"
-    )
-    return "\n".join(lines)
+    return render_table(rows, PROVIDERS, ours=("stp_fast", "stp_fast_prefix"), baselines=("sliced", "masked"))

@@ -51,13 +51,15 @@ class Impl:
     ``fns`` maps entry-point names (e.g. ``"forward"``, ``"backward"``) to callables.
     ``input_reasons(*args)`` returns why this implementation cannot serve these particular inputs
     (dtype, shape limits...); device-level availability is checked by :func:`device_reasons`.
-    ``ext_op`` names the private ``stp_fast::`` op whose extension kernel this backend needs.
+    ``ext_op`` names the private ``stp_fast::`` op whose extension kernel this backend needs;
+    ``static_reasons()`` reports what is missing whatever the inputs (e.g. no kernel module).
     """
 
     backend: str
     fns: dict[str, Callable]
     input_reasons: Callable[..., list[str]] = field(default=lambda *args: [])
     ext_op: str | None = None
+    static_reasons: Callable[[], list[str]] = field(default=lambda: [])
 
 
 _REGISTRY: dict[str, dict[str, Impl]] = {}
@@ -111,6 +113,9 @@ def device_reasons(impl: Impl, device_type: str) -> list[str]:
     name = impl.backend
     if name == "reference":
         return []
+    static = impl.static_reasons()
+    if static:
+        return list(static)
     if name in ("cpu", "cuda"):
         reasons = []
         if device_type != name:
@@ -118,7 +123,7 @@ def device_reasons(impl: Impl, device_type: str) -> list[str]:
         elif not _ext.load():
             reasons.append(f"the compiled extension stp_fast._C is not loaded ({_ext.load_error() or 'not built'})")
         elif impl.ext_op and not _ext.has_kernel(impl.ext_op, name):
-            reasons.append(f"stp_fast._C was built without {name} kernels (see `stp-fast info`)")
+            reasons.append(f"stp_fast._C has no {name} kernel for stp_fast::{impl.ext_op} (see `stp-fast info`)")
         return reasons
     # triton
     reasons = []

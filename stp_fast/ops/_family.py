@@ -65,12 +65,11 @@ def register_family(
         reasons = cuda_reasons if (name == "cuda" and cuda_reasons) else (lambda *a: [])
         _backend.register(family, _backend.Impl(name, _ext_fns(family), reasons, ext_op=f"_{family}_fwd"))
 
-    def triton_input_reasons(*args) -> list[str]:
-        if not _has_triton_module(family):
-            return [f"stp_fast.kernels has no Triton kernels for {family}"]
-        return triton_reasons(*args) if triton_reasons else []
+    def module_reasons() -> list[str]:
+        return [] if _has_triton_module(family) else [f"stp_fast.kernels has no Triton kernels for {family}"]
 
-    _backend.register(family, _backend.Impl("triton", _triton_fns(family), triton_input_reasons))
+    impl = _backend.Impl("triton", _triton_fns(family), triton_reasons or (lambda *a: []), None, module_reasons)
+    _backend.register(family, impl)
 
 
 @functools.cache

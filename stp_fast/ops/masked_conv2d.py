@@ -80,7 +80,12 @@ def masked_conv2d_ref(
     """
     rows, cols, g = _block_args(weight, x, in_index, out_index, out_width, groups)
     b = None if bias is None else take_block(bias, rows, None)
-    return F.conv2d(x, take_block(weight, rows, cols), b, stride, padding, dilation, g)
+    w = take_block(weight, rows, cols)
+    if x.shape[1] == 0:  # no active input: F.conv2d would drop the output channels; y is the bias
+        shape = output_shape(x, weight, w.shape[0], stride, padding, dilation)
+        y = x.new_zeros(shape) + (0 if b is None else b.view(1, -1, 1, 1))
+        return y.contiguous(memory_format=memory_format(x))
+    return F.conv2d(x, w, b, stride, padding, dilation, g)
 
 
 def _ref_forward(x, weight, bias, in_index, out_index, out_width, stride, padding, dilation, groups):
@@ -90,9 +95,12 @@ def _ref_forward(x, weight, bias, in_index, out_index, out_width, stride, paddin
 def _ref_backward(g, x, weight, in_index, out_index, out_width, stride, padding, dilation, groups, nx, nw, nb):
     rows, cols, gr = _block_args(weight, x, in_index, out_index, out_width, groups)
     w_c = take_block(weight, rows, cols)
-    gx, gw_c, gb_c = torch.ops.aten.convolution_backward(
-        g, x, w_c, [w_c.shape[0]] if nb else None, stride, padding, dilation, False, [0, 0], gr, [nx, nw, nb]
-    )
+    if x.shape[1] == 0:  # no active input (see masked_conv2d_ref)
+        gx, gw_c, gb_c = torch.zeros_like(x), torch.zeros_like(w_c), g.sum((0, 2, 3))
+    else:
+        gx, gw_c, gb_c = torch.ops.aten.convolution_backward(
+            g, x, w_c, [w_c.shape[0]] if nb else None, stride, padding, dilation, False, [0, 0], gr, [nx, nw, nb]
+        )
     gw = put_block(weight, gw_c, rows, cols) if nw else None
     gb = put_block(weight.new_empty(weight.shape[0]), gb_c, rows, None) if nb else None
     return (gx if nx else None), gw, gb
