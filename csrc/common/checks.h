@@ -11,6 +11,7 @@
 
 #include <cstdint>
 #include <optional>
+#include <string>
 
 // dtype of t is one of float32, float64, float16, bfloat16.
 #define CHECK_FLOATING(op, name, t)                                                            \
@@ -94,6 +95,47 @@ inline int64_t check_index(const std::optional<at::Tensor>& index, int64_t dim, 
     check_index_values_device(idx, dim, op, arg);
   }
   return idx.size(0);
+}
+
+// Names of the per-call arguments as they appear in messages.  A single-layer op uses the defaults;
+// the multi-subnet ops name the list element instead ("xs[2]", "in_indices[2]", "out_widths[2]").
+struct ArgNames {
+  const char* op;
+  std::string x = "x";
+  std::string in_index = "in_index";
+  std::string out_index = "out_index";
+  std::string out_width = "out_width";
+  std::string grad_out = "grad_out";
+};
+
+// "<list>[<i>]", e.g. item_name("xs", 2) == "xs[2]".
+inline std::string item_name(const char* list, size_t i) { return std::string(list) + "[" + std::to_string(i) + "]"; }
+
+// Names for subnet i of a multi-subnet op (lists xs, in_indices, out_indices, out_widths, grads).
+inline ArgNames subnet_names(const char* op, size_t i) {
+  return ArgNames{op, item_name("xs", i), item_name("in_indices", i), item_name("out_indices", i),
+                  item_name("out_widths", i), item_name("grads", i)};
+}
+
+// A list argument of a multi-subnet op holds one entry per subnet.
+inline void check_list_len(const char* op, const char* name, size_t len, size_t num_subnets) {
+  TORCH_CHECK_VALUE(len == num_subnets, op, ": ", name, " must have one entry per subnet (", num_subnets,
+                    " subnets, the length of xs), got ", len);
+}
+
+// The inputs of a multi-subnet op: at least one tensor; all dense, floating, and on xs[0]'s dtype
+// and device.
+inline void check_subnet_inputs(const char* op, at::TensorList xs) {
+  TORCH_CHECK_VALUE(!xs.empty(), op, ": xs must hold at least one tensor (one per subnet), got an empty list");
+  for (size_t i = 0; i < xs.size(); ++i) {
+    const std::string name = item_name("xs", i);
+    CHECK_STRIDED(op, name, xs[i]);
+    CHECK_FLOATING(op, name, xs[i]);
+    if (i > 0) {
+      CHECK_SAME_DTYPE(op, name, xs[i], "xs[0]", xs[0]);
+      CHECK_SAME_DEVICE(op, name, xs[i], "xs[0]", xs[0]);
+    }
+  }
 }
 
 // Product of all but the last dimension: the number of rows of t viewed as [M, t.size(-1)].

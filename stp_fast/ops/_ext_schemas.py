@@ -69,8 +69,9 @@ _lib.define(
 # multi_subnet_batch_norm (+ optional ReLU): xs[s]: [B_s, c_s, *spatial], channels = indices[s] or the
 #   prefix c_s.  training: per-subnet batch statistics over its own channels (biased variance for the
 #   normalisation); else the (sliced) running statistics.  Returns (ys, means, invstds), means/invstds
-#   float32 [c_s] (in eval mode: the running statistics used).  Running statistics are never mutated
-#   here: the Python layer updates them from the returned statistics of the one subnet that owns them.
+#   float32 [c_s] (float64 for float64 inputs; in eval mode: the running statistics used).
+#   Running statistics are never mutated here: the Python layer updates them from the returned
+#   statistics of the one subnet that owns them.
 _lib.define(
     "_multi_subnet_batch_norm_fwd(Tensor[] xs, Tensor? weight, Tensor? bias, Tensor? running_mean, "
     "Tensor? running_var, Tensor[]? indices, bool training, float eps, bool relu) "
