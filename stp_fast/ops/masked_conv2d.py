@@ -81,7 +81,7 @@ def masked_conv2d_ref(
     rows, cols, g = _block_args(weight, x, in_index, out_index, out_width, groups)
     b = None if bias is None else take_block(bias, rows, None)
     w = take_block(weight, rows, cols)
-    if x.shape[1] == 0:  # no active input: F.conv2d would drop the output channels; y is the bias
+    if x.shape[1] == 0 or w.shape[0] == 0:  # F.conv2d mis-shapes/rejects these: y is the bias (or empty)
         shape = output_shape(x, weight, w.shape[0], stride, padding, dilation)
         y = x.new_zeros(shape) + (0 if b is None else b.view(1, -1, 1, 1))
         return y.contiguous(memory_format=memory_format(x))
@@ -95,7 +95,7 @@ def _ref_forward(x, weight, bias, in_index, out_index, out_width, stride, paddin
 def _ref_backward(g, x, weight, in_index, out_index, out_width, stride, padding, dilation, groups, nx, nw, nb):
     rows, cols, gr = _block_args(weight, x, in_index, out_index, out_width, groups)
     w_c = take_block(weight, rows, cols)
-    if x.shape[1] == 0:  # no active input (see masked_conv2d_ref)
+    if x.shape[1] == 0 or w_c.shape[0] == 0:  # see masked_conv2d_ref
         gx, gw_c, gb_c = torch.zeros_like(x), torch.zeros_like(w_c), g.sum((0, 2, 3))
     else:
         gx, gw_c, gb_c = torch.ops.aten.convolution_backward(

@@ -60,7 +60,7 @@ def multi_subnet_batch_norm_ref(
         xf = x.to(_stat_dtype(x))
         if training:
             mean = xf.mean(_reduce_dims(x)) if x.numel() else xf.new_zeros(x.shape[1])
-            var = xf.var(_reduce_dims(x), unbiased=False) if x.numel() else xf.new_ones(x.shape[1])
+            var = xf.var(_reduce_dims(x), unbiased=False) if x.numel() else xf.new_zeros(x.shape[1])
         else:
             mean = take_block(running_mean, ch, None).to(xf.dtype, copy=True)
             var = take_block(running_var, ch, None).to(xf.dtype)
@@ -270,9 +270,9 @@ def multi_subnet_batch_norm(
     ys, means, invstds = _multi_subnet_batch_norm_op(
         xs, weight, bias, running_mean, running_var, idx, training, float(eps), relu
     )
-    if training and stats_subnet is not None and running_mean is not None and running_var is not None:
-        x = xs[stats_subnet]
-        count = math.prod(x.shape) // max(1, x.shape[1])
+    x = xs[stats_subnet] if stats_subnet is not None else None
+    count = 0 if x is None else math.prod(x.shape) // max(1, x.shape[1])
+    if training and count > 0 and running_mean is not None and running_var is not None:
         ch = _channels(x, idx, stats_subnet)
         _update_running_stats(running_mean, running_var, means[stats_subnet], invstds[stats_subnet], ch, count,
                               momentum, eps)  # fmt: skip
