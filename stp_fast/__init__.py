@@ -6,5 +6,16 @@ extension ``stp_fast._C``; those happen on first use (see ``stp_fast._ext`` and 
 
 from stp_fast import ops
 from stp_fast._version import __version__
+from stp_fast.arch import Arch, count_macs
+from stp_fast.nn import recalibrate_bn
 
-__all__ = ["__version__", "ops"]
+
+def extract(net, arch):
+    """The plain ``torch.nn`` model (a ``torch.fx.GraphModule``) of subnet ``arch`` of supernet ``net``.
+
+    It holds copies of the sliced weights and BatchNorm statistics, runs without stp_fast, scripts
+    with TorchScript and exports to ONNX; in eval mode its output equals ``net(x, arch=arch)``."""
+    return net.extract(arch)
+
+
+__all__ = ["Arch", "__version__", "count_macs", "extract", "ops", "recalibrate_bn"]

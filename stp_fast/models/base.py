@@ -1,0 +1,60 @@
+"""What every stp_fast supernet shares: single-arch forward through the batched path, arch checks,
+and which subnet owns the BatchNorm running statistics."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from stp_fast.arch.space import Arch, Space
+
+
+class Supernet(nn.Module):
+    """Base class. Subclasses set ``self.space`` and implement ``forward_many`` and ``extract``.
+
+    * ``net(x)`` runs the full network; ``net(x, arch=a)`` runs subnet ``a``.
+    * ``net.forward_many(x, archs)`` runs every arch on the same batch in one batched pass (each layer
+      is one multi-subnet op over the archs that include it) and returns their logits in order.
+    * In train mode each subnet's BatchNorm uses its own batch statistics; only the full network's
+      pass (an arch equal to ``space.full()``) updates the running statistics.
+    """
+
+    space: Space
+
+    def forward(self, x: Tensor, arch: Arch | None = None) -> Tensor:
+        return self.forward_many(x, [arch if arch is not None else self.space.full()])[0]
+
+    def forward_many(self, x: Tensor, archs: Sequence[Arch]) -> list[Tensor]:
+        raise NotImplementedError
+
+    def extract(self, arch: Arch) -> nn.Module:
+        raise NotImplementedError
+
+    def _check_archs(self, x: Tensor, archs: Sequence[Arch]) -> tuple[list[Arch], int | None]:
+        """Validated archs and the index of the one owning BN statistics (the first full arch)."""
+        if not isinstance(archs, (list, tuple)) or not archs:
+            raise ValueError("forward_many: archs must be a non-empty list of Arch")
+        if not isinstance(x, Tensor) or x.dim() != 4:
+            raise ValueError(f"forward: x must be a 4-D image batch [B, C, H, W], got {getattr(x, 'shape', x)}")
+        archs = [self.space.validate(a) for a in archs]
+        full = self.space.full()
+        owner = next((i for i, a in enumerate(archs) if a == full), None)
+        return archs, owner
+
+
+def active(archs: Sequence[Arch], stage: int, block: int) -> list[int]:
+    """Indices of the archs that keep block ``block`` of stage ``stage``."""
+    return [i for i, a in enumerate(archs) if a.depth[stage] > block]
+
+
+def owner_within(owner: int | None, members: Sequence[int]) -> int | None:
+    """Position of the statistics owner inside a subset of the archs (None if it is not there)."""
+    return members.index(owner) if owner is not None and owner in members else None
+
+
+@torch.no_grad()
+def l1_order(weight: Tensor) -> Tensor:
+    """Output channels of ``weight`` by descending L1 norm (the one-time importance sort)."""
+    return weight.abs().flatten(1).sum(1).argsort(descending=True)
