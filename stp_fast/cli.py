@@ -65,7 +65,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-BENCHMARKS = ["masked_linear", "masked_conv2d", "multi_subnet"]
+BENCHMARKS = ["masked_linear", "masked_conv2d", "multi_subnet", "forward_many"]
 
 
 def build_parser() -> argparse.ArgumentParser:
