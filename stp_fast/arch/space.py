@@ -81,6 +81,8 @@ class Space:
         width_ratios: width choices as fractions of each group's channels.
         divisor: kept channel counts are multiples of this (at least one multiple).
         min_depth: the fewest blocks a stage may keep (>= 1: a stage's first block stays).
+        group_choices: explicit channel-count choices for some groups (e.g. whole attention heads),
+            overriding ``width_ratios``/``divisor`` there.
     """
 
     max_depth: tuple[int, ...]
@@ -92,6 +94,7 @@ class Space:
     width_ratios: tuple[float, ...] = DEFAULT_WIDTH_RATIOS
     divisor: int = 1
     min_depth: int = 1
+    group_choices: dict[str, tuple[int, ...]] = field(default_factory=dict)
     _choices: dict[str, tuple[int, ...]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -101,6 +104,12 @@ class Space:
             counts = {min(full, max(self.divisor, self.divisor * round(r * full / self.divisor)))
                       for r in self.width_ratios}  # fmt: skip
             self._choices[name] = tuple(sorted(counts | {full}))
+        for name, counts in self.group_choices.items():
+            if name not in self.groups or not counts or not all(1 <= c <= self.groups[name] for c in counts):
+                raise ValueError(
+                    f"Space: group_choices[{name!r}]={counts!r} must be counts in [1, {self.groups.get(name)}]"
+                )
+            self._choices[name] = tuple(sorted(set(counts) | {self.groups[name]}))
 
     # ------------------------------------------------------------------ basic archs
     def choices(self, group: str) -> tuple[int, ...]:

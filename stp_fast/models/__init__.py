@@ -6,8 +6,9 @@ from collections.abc import Callable
 
 from stp_fast.models.base import Supernet
 from stp_fast.models.resnet_cifar import resnet20, resnet56
+from stp_fast.models.vit import vit_tiny
 
-_REGISTRY: dict[str, Callable[..., Supernet]] = {"resnet20": resnet20, "resnet56": resnet56}
+_REGISTRY: dict[str, Callable[..., Supernet]] = {"resnet20": resnet20, "resnet56": resnet56, "vit_tiny": vit_tiny}
 
 
 def names() -> list[str]:
