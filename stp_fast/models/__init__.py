@@ -6,9 +6,17 @@ from collections.abc import Callable
 
 from stp_fast.models.base import Supernet
 from stp_fast.models.resnet_cifar import resnet20, resnet56
+from stp_fast.models.resnet_imagenet import resnet50
 from stp_fast.models.vit import vit_tiny
+from stp_fast.models.wrn import wrn28_10
 
-_REGISTRY: dict[str, Callable[..., Supernet]] = {"resnet20": resnet20, "resnet56": resnet56, "vit_tiny": vit_tiny}
+_REGISTRY: dict[str, Callable[..., Supernet]] = {
+    "resnet20": resnet20,
+    "resnet56": resnet56,
+    "resnet50": resnet50,
+    "wrn28_10": wrn28_10,
+    "vit_tiny": vit_tiny,
+}
 
 
 def names() -> list[str]:

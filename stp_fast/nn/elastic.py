@@ -31,14 +31,18 @@ def batch_norm(bn: nn.BatchNorm2d | nn.BatchNorm1d, xs: Sequence[Tensor], *, rel
     )  # fmt: skip
 
 
-def conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, xs: Sequence[Tensor], out_widths: Sequence[int], *, relu: bool,
-            stats: int | None, depthwise: bool = False) -> list[Tensor]:  # fmt: skip
-    """Convolution of every subnet (its input channels are its inputs' width) then BN (+ ReLU)."""
-    ys = multi_subnet_conv2d(
+def conv(conv: nn.Conv2d, xs: Sequence[Tensor], out_widths: Sequence[int], *, depthwise: bool = False) -> list[Tensor]:
+    """Convolution of every subnet; each subnet's input channels are its input's width."""
+    return multi_subnet_conv2d(
         list(xs), conv.weight, conv.bias, list(out_widths), stride=conv.stride, padding=conv.padding,
         dilation=conv.dilation, groups=conv.weight.shape[0] if depthwise else 1,
     )  # fmt: skip
-    return batch_norm(bn, ys, relu=relu, stats=stats)
+
+
+def conv_bn(conv_: nn.Conv2d, bn: nn.BatchNorm2d, xs: Sequence[Tensor], out_widths: Sequence[int], *, relu: bool,
+            stats: int | None, depthwise: bool = False) -> list[Tensor]:  # fmt: skip
+    """Convolution of every subnet, then BN (+ ReLU)."""
+    return batch_norm(bn, conv(conv_, xs, out_widths, depthwise=depthwise), relu=relu, stats=stats)
 
 
 def linear(fc: nn.Linear, xs: Sequence[Tensor], out_widths: Sequence[int]) -> list[Tensor]:
