@@ -97,6 +97,35 @@ inline int64_t check_index(const std::optional<at::Tensor>& index, int64_t dim, 
   return idx.size(0);
 }
 
+// t is a dense tensor with ref's dtype and device (a bias or grad_out against x).
+inline void check_dense_like(const char* op, const std::string& name, const at::Tensor& t, const std::string& ref_name,
+                             const at::Tensor& ref) {
+  CHECK_STRIDED(op, name, t);
+  CHECK_SAME_DTYPE(op, name, t, ref_name, ref);
+  CHECK_SAME_DEVICE(op, name, t, ref_name, ref);
+}
+
+// The input (named xn) and the weight of a layer op: both dense, x floating, the weight with x's
+// dtype and device.  Ranks are the caller's.
+inline void check_input_and_weight(const char* op, const std::string& xn, const at::Tensor& x,
+                                   const at::Tensor& weight) {
+  CHECK_STRIDED(op, xn, x);
+  CHECK_STRIDED(op, "weight", weight);
+  CHECK_FLOATING(op, xn, x);
+  CHECK_SAME_DTYPE(op, "weight", weight, xn, x);
+  CHECK_SAME_DEVICE(op, "weight", weight, xn, x);
+}
+
+// An optional bias of a layer op: dense, x's dtype and device, 1-D [rows] with rows = weight.size(0),
+// called rows_name in the message ("bias must be 1-D [N] with N = ...").
+inline void check_bias(const char* op, const std::optional<at::Tensor>& bias, const std::string& xn,
+                       const at::Tensor& x, int64_t rows, const char* rows_name) {
+  if (!bias.has_value()) return;
+  check_dense_like(op, "bias", *bias, xn, x);
+  TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == rows, op, ": bias must be 1-D [", rows_name, "] with ",
+                    rows_name, " = ", rows, " (weight.size(0)), got shape ", bias->sizes());
+}
+
 // Names of the per-call arguments as they appear in messages.  A single-layer op uses the defaults;
 // the multi-subnet ops name the list element instead ("xs[2]", "in_indices[2]", "out_widths[2]").
 struct ArgNames {
@@ -107,6 +136,23 @@ struct ArgNames {
   std::string out_width = "out_width";
   std::string grad_out = "grad_out";
 };
+
+// The output selection of a layer op over the weight's `rows` output rows: out_index (checked
+// with check_index) and out_width, which is its length, or without an index the width of the
+// prefix in [0, rows].  Returns the index length, or -1 for a prefix.
+inline int64_t check_out_selection(const std::optional<at::Tensor>& out_index, int64_t out_width, int64_t rows,
+                                   const at::Device& device, const ArgNames& names) {
+  const char* op = names.op;
+  const int64_t out_len = check_index(out_index, rows, device, op, names.out_index.c_str());
+  if (out_len < 0) {
+    TORCH_CHECK_VALUE(out_width >= 0 && out_width <= rows, op, ": ", names.out_width, " must lie in [0, ", rows,
+                      "] (weight.size(0)), got ", out_width);
+  } else {
+    TORCH_CHECK_VALUE(out_width == out_len, op, ": ", names.out_width, " is ", out_width, " but ", names.out_index,
+                      " has ", out_len, " entries");
+  }
+  return out_len;
+}
 
 // "<list>[<i>]", e.g. item_name("xs", 2) == "xs[2]".
 inline std::string item_name(const char* list, size_t i) { return std::string(list) + "[" + std::to_string(i) + "]"; }

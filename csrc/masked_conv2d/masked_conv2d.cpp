@@ -117,11 +117,7 @@ MaskedConv2dShape masked_conv2d_check_named(const at::Tensor& x, const at::Tenso
                                             const ArgNames& names, bool force_depthwise) {
   const char* op = names.op;
   const std::string& xn = names.x;
-  CHECK_STRIDED(op, xn, x);
-  CHECK_STRIDED(op, "weight", weight);
-  CHECK_FLOATING(op, xn, x);
-  CHECK_SAME_DTYPE(op, "weight", weight, xn, x);
-  CHECK_SAME_DEVICE(op, "weight", weight, xn, x);
+  check_input_and_weight(op, xn, x, weight);
   CHECK_DIM(op, xn, x, 4, "4-D [B, k, H, W]");
   CHECK_DIM(op, "weight", weight, 4, "4-D [C_out, C_in/groups, kh, kw]");
   check_conv_params(op, stride, padding, dilation, groups, force_depthwise);
@@ -133,23 +129,10 @@ MaskedConv2dShape masked_conv2d_check_named(const at::Tensor& x, const at::Tenso
   TORCH_CHECK_VALUE(s.kh >= 1 && s.kw >= 1, op, ": weight must have a non-empty kernel, got shape ", weight.sizes());
   TORCH_CHECK_VALUE(s.H >= 1 && s.W >= 1, op, ": ", xn, " must have a non-zero spatial size, got shape ", x.sizes());
 
-  if (bias.has_value()) {
-    CHECK_STRIDED(op, "bias", *bias);
-    CHECK_SAME_DTYPE(op, "bias", *bias, xn, x);
-    CHECK_SAME_DEVICE(op, "bias", *bias, xn, x);
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == s.C_out, op, ": bias must be 1-D [C_out] with C_out = ",
-                      s.C_out, " (weight.size(0)), got shape ", bias->sizes());
-  }
+  check_bias(op, bias, xn, x, s.C_out, "C_out");
 
-  const int64_t out_len = check_index(out_index, s.C_out, x.device(), op, names.out_index.c_str());
+  const int64_t out_len = check_out_selection(out_index, out_width, s.C_out, x.device(), names);
   s.out_prefix = out_len < 0;
-  if (s.out_prefix) {
-    TORCH_CHECK_VALUE(out_width >= 0 && out_width <= s.C_out, op, ": ", names.out_width, " must lie in [0, ", s.C_out,
-                      "] (weight.size(0)), got ", out_width);
-  } else {
-    TORCH_CHECK_VALUE(out_width == out_len, op, ": ", names.out_width, " is ", out_width, " but ", names.out_index,
-                      " has ", out_len, " entries");
-  }
   s.n = out_width;
 
   s.depthwise = force_depthwise || (groups > 1 && s.C_in_per_group == 1);
@@ -196,9 +179,7 @@ MaskedConv2dShape masked_conv2d_check_named(const at::Tensor& x, const at::Tenso
 
   if (grad_out != nullptr) {
     const std::string& gn = names.grad_out;
-    CHECK_STRIDED(op, gn, *grad_out);
-    CHECK_SAME_DTYPE(op, gn, *grad_out, xn, x);
-    CHECK_SAME_DEVICE(op, gn, *grad_out, xn, x);
+    check_dense_like(op, gn, *grad_out, xn, x);
     const std::vector<int64_t> want{s.B, s.n, s.OH, s.OW};
     TORCH_CHECK_VALUE(grad_out->sizes() == at::IntArrayRef(want), op, ": ", gn, " must have shape ",
                       at::IntArrayRef(want), " ([B, ", names.out_width, ", OH, OW]), got ", grad_out->sizes());

@@ -36,5 +36,9 @@ MaskedConv2dShape masked_conv2d_check(const at::Tensor& x, const at::Tensor& wei
     const std::optional<at::Tensor>& out_index, int64_t out_width, at::IntArrayRef stride,
     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, const at::Tensor* grad_out);
 
+// The memory format of the output and of grad_x (CPU and CUDA alike): channels-last when x is
+// channels-last (and not also NCHW-contiguous), else contiguous NCHW.
+at::MemoryFormat conv_memory_format(const at::Tensor& x);
+
 }  // namespace stp_fast
 #endif  // __CUDACC__

@@ -24,10 +24,6 @@ MaskedConv2dShape masked_conv2d_check_named(const at::Tensor& x, const at::Tenso
                                             at::IntArrayRef dilation, int64_t groups, const at::Tensor* grad_out,
                                             const ArgNames& names, bool force_depthwise = false);
 
-// The memory format of the output and of grad_x: channels-last when x is channels-last (and not
-// also NCHW-contiguous), else contiguous NCHW.
-at::MemoryFormat conv_memory_format(const at::Tensor& x);
-
 // Zeros of the given shape in memory format fmt (at::zeros ignores the options' memory format).
 inline at::Tensor zeros_in_format(at::IntArrayRef sizes, const at::TensorOptions& opts, at::MemoryFormat fmt) {
   return at::empty(sizes, opts.memory_format(fmt)).zero_();

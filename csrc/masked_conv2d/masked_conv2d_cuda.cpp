@@ -16,7 +16,6 @@
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime_api.h>
 #include <torch/library.h>
 
@@ -25,6 +24,7 @@
 #include <tuple>
 
 #include "common/checks.h"
+#include "common/cuda_glue.h"
 #include "masked_conv2d/masked_conv2d.h"
 #include "masked_conv2d/masked_conv2d_cuda.h"
 
@@ -34,57 +34,14 @@ namespace {
 
 constexpr const char* kOp = "masked_conv2d";
 
-int dtype_code(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat:
-      return kMaskedConv2dFloat32;
-    case at::kDouble:
-      return kMaskedConv2dFloat64;
-    case at::kHalf:
-      return kMaskedConv2dFloat16;
-    case at::kBFloat16:
-      return kMaskedConv2dBFloat16;
-    default:
-      break;
-  }
-  TORCH_CHECK_TYPE(false, kOp, ": unsupported dtype ", t);
-  return -1;
-}
-
 using Launcher = int (*)(const MaskedConv2dArgs&, int, cudaStream_t);
 
 void launch(Launcher fn, const MaskedConv2dArgs& args, const at::Tensor& like, const char* what) {
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(like.device().index()).stream();
-  const int err = fn(args, dtype_code(like.scalar_type()), stream);
-  TORCH_CHECK(err == 0, kOp, ": ", what, " kernel launch failed: ", cudaGetErrorString(static_cast<cudaError_t>(err)));
-}
-
-at::MemoryFormat output_format(const at::Tensor& x) {
-  return x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous() ? at::MemoryFormat::ChannelsLast
-                                                                                 : at::MemoryFormat::Contiguous;
-}
-
-// Contiguous copy of an optional index (the kernels read index arrays with unit stride).
-std::optional<at::Tensor> contiguous_index(const std::optional<at::Tensor>& idx) {
-  if (!idx.has_value()) return std::nullopt;
-  return idx->contiguous();
-}
-
-const int64_t* index_ptr(const std::optional<at::Tensor>& idx) {
-  return idx.has_value() ? idx->const_data_ptr<int64_t>() : nullptr;
+  launch_checked(fn, args, like, kOp, what);
 }
 
 void set_strides(int64_t (&dst)[4], const at::Tensor& t) {
   for (int d = 0; d < 4; ++d) dst[d] = t.stride(d);
-}
-
-int num_sms(const at::Device& device) {
-  int sms = 0;
-  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device.index()) != cudaSuccess) {
-    (void)cudaGetLastError();  // clear the (non-sticky) error and run without split-K
-    return 0;
-  }
-  return sms;
 }
 
 // Sizes, geometry, weight and indices; the caller adds the operands of one launcher.
@@ -102,18 +59,6 @@ MaskedConv2dArgs base_args(const MaskedConv2dShape& s, const at::Tensor& weight,
   return a;
 }
 
-// Scatters the per-channel sums of grad_out into zeros [C_out] at out_index (or the prefix).
-at::Tensor grad_bias(const at::Tensor& grad_out, const std::optional<at::Tensor>& out_c, int64_t C_out, int64_t n) {
-  at::Tensor gb = at::zeros({C_out}, grad_out.options());
-  const at::Tensor gsum = grad_out.sum(at::IntArrayRef{0, 2, 3});
-  if (out_c.has_value()) {
-    gb.index_copy_(0, *out_c, gsum);
-  } else {
-    gb.narrow(0, 0, n).copy_(gsum);
-  }
-  return gb;
-}
-
 at::Tensor masked_conv2d_fwd_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                   const std::optional<at::Tensor>& in_index,
                                   const std::optional<at::Tensor>& out_index, int64_t out_width,
@@ -122,7 +67,7 @@ at::Tensor masked_conv2d_fwd_cuda(const at::Tensor& x, const at::Tensor& weight,
   const MaskedConv2dShape s = masked_conv2d_check(x, weight, bias, in_index, out_index, out_width, stride, padding,
                                                   dilation, groups, nullptr);
   const c10::cuda::CUDAGuard guard(x.device());
-  const at::MemoryFormat fmt = output_format(x);
+  const at::MemoryFormat fmt = conv_memory_format(x);
   if (s.groups > 1 && !s.depthwise) {  // full widths, no index: a plain grouped convolution
     return at::convolution(x, weight, bias, stride, padding, dilation, false, {0, 0}, groups).contiguous(fmt);
   }
@@ -139,9 +84,9 @@ at::Tensor masked_conv2d_fwd_cuda(const at::Tensor& x, const at::Tensor& weight,
   a.out = y.mutable_data_ptr();
   set_strides(a.out_s, y);
   if (s.depthwise) {
-    launch(&stp_fast_masked_conv2d_depthwise_fwd_launch, a, x, "depthwise forward");
+    launch(&stp_fast_masked_conv2d_depthwise_fwd_launch, a, x, "depthwise forward kernel");
   } else {
-    launch(&stp_fast_masked_conv2d_fwd_launch, a, x, "forward");
+    launch(&stp_fast_masked_conv2d_fwd_launch, a, x, "forward kernel");
   }
   return y;
 }
@@ -154,7 +99,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_bwd_cuda(
   const MaskedConv2dShape s = masked_conv2d_check(x, weight, std::nullopt, in_index, out_index, out_width, stride,
                                                   padding, dilation, groups, &grad_out);
   const c10::cuda::CUDAGuard guard(x.device());
-  const at::MemoryFormat fmt = output_format(x);
+  const at::MemoryFormat fmt = conv_memory_format(x);
   at::Tensor grad_x = at::empty({0}, x.options());
   at::Tensor grad_w = at::empty({0}, x.options());
   at::Tensor grad_b = at::empty({0}, x.options());
@@ -183,9 +128,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_bwd_cuda(
     a.out = grad_x.mutable_data_ptr();
     set_strides(a.out_s, grad_x);
     if (s.depthwise) {
-      launch(&stp_fast_masked_conv2d_depthwise_grad_x_launch, a, x, "depthwise grad_x");
+      launch(&stp_fast_masked_conv2d_depthwise_grad_x_launch, a, x, "depthwise grad_x kernel");
     } else {
-      launch(&stp_fast_masked_conv2d_grad_x_launch, a, x, "grad_x");
+      launch(&stp_fast_masked_conv2d_grad_x_launch, a, x, "grad_x kernel");
     }
   }
   if (need_weight) {
@@ -201,22 +146,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_conv2d_bwd_cuda(
     const int sms = num_sms(x.device());
     a.split_k = s.depthwise ? masked_conv2d_depthwise_split_k(s.k, s.kh, s.kw, P, sms)
                             : masked_conv2d_gemm_split_k(s.n, s.k * s.kh * s.kw, P, sms);
-    at::Tensor workspace;  // must outlive the launch (the stream-ordered allocator makes that enough)
+    at::Tensor workspace;  // must outlive the launch
     if (a.split_k > 1) {
-      const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-      workspace = at::empty({masked_conv2d_workspace_elems(a, s.depthwise, a.split_k)}, x.options().dtype(acc));
+      workspace = split_k_workspace(masked_conv2d_workspace_elems(a, s.depthwise, a.split_k), x);
       a.workspace = workspace.mutable_data_ptr();
     }
     if (s.depthwise) {
-      launch(&stp_fast_masked_conv2d_depthwise_grad_w_launch, a, x, "depthwise grad_weight");
+      launch(&stp_fast_masked_conv2d_depthwise_grad_w_launch, a, x, "depthwise grad_weight kernel");
     } else {
-      launch(&stp_fast_masked_conv2d_grad_w_launch, a, x, "grad_weight");
+      launch(&stp_fast_masked_conv2d_grad_w_launch, a, x, "grad_weight kernel");
     }
   }
   if (need_bias) {
     // Depthwise: channel c's bias is bias[ch(c)], ch = out_index (== in_index) or the prefix.
     const auto& bias_index = s.depthwise && !out_c.has_value() ? in_c : out_c;
-    grad_b = grad_bias(grad_out, bias_index, s.C_out, s.n);
+    grad_b = scatter_grad_bias(grad_out.sum(at::IntArrayRef{0, 2, 3}), bias_index, s.C_out, grad_out.options());
   }
   return {grad_x, grad_w, grad_b};
 }

@@ -2,10 +2,11 @@
 //
 //   y = conv2d(x, weight[out_index][:, in_index], bias[out_index], stride, padding, dilation)
 //
-// Implicit GEMM (groups == 1).  One shared-memory tiled SIMT GEMM kernel (the scheme of
-// masked_linear_cuda.cu: 64 x 64 output tile per block, 16-deep reduction steps, 256 threads with a
-// 4 x 4 register block each, fp32 accumulation, double for float64) is instantiated for three
-// problems, each a "policy" that says how to gather an operand element and where a result goes:
+// Implicit GEMM (groups == 1).  One shared-memory tiled SIMT GEMM kernel (the scheme and tile of
+// masked_linear_cuda.cu, shared through common/cuda_common.cuh: 64 x 64 output tile per block,
+// 16-deep reduction steps, 256 threads with a 4 x 4 register block each, fp32 accumulation, double
+// for float64) is instantiated for three problems, each a "policy" that says how to gather an
+// operand element and where a result goes:
 //   forward : rows (b, oh, ow) = B*OH*OW, cols j < n,   reduction (c, ky, kx) over k*kh*kw
 //             A = x at (oh*sh - ph + ky*dh, ow*sw - pw + kx*dw) or 0 in the padding;
 //             B = weight[out(j), in(c), ky, kx]; epilogue + bias[out(j)], store y[b, j, oh, ow].
@@ -35,69 +36,22 @@
 // not skip the (s-1)/s of the reduction that stride s makes zero.
 // Deliberately free of ATen/torch headers so that it compiles with plain nvcc (KERNELS.md §6(iv));
 // tested on CPU by the emulator in tests/cuda_emu.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
 
+#include "common/cuda_common.cuh"
 #include "masked_conv2d/masked_conv2d_cuda.h"
 
 namespace {
 
-constexpr int BM = kMaskedConv2dBM;
-constexpr int BN = kMaskedConv2dBN;
-constexpr int BK = kMaskedConv2dBK;
-constexpr int TM = 4;                  // rows per thread
-constexpr int TN = 4;                  // cols per thread
-constexpr int TR = BM / TM;            // 16 thread rows
-constexpr int TC = BN / TN;            // 16 thread cols
-constexpr int NT = TR * TC;            // 256 threads per block
-constexpr int A_LOADS = BM * BK / NT;  // A elements staged per thread per step (4)
-constexpr int B_LOADS = BK * BN / NT;  // B elements staged per thread per step (4)
-constexpr int PAD = 1;                 // breaks the stride-64 bank pattern of reduction-fast staging
+using namespace stp_fast::cuda;        // Num, index_or_identity, launch helpers (common/cuda_common.cuh)
+using namespace stp_fast::cuda::simt;  // the GEMM tile (BM, BN, BK, TM, TN, TR, TC, NT, ...)
+
 constexpr int DW_NT = kMaskedConv2dDwThreads;
 
 static_assert(TR == TC, "the micro-tile mapping swaps thread rows and cols at run time");
-static_assert((BM * BK) % NT == 0 && (BK * BN) % NT == 0, "tiles must split evenly over threads");
-static_assert(NT % BM == 0 && NT % BN == 0 && NT % BK == 0, "loader mappings need NT divisible by tile dims");
 static_assert((DW_NT & (DW_NT - 1)) == 0 && DW_NT >= 32, "tree reduction needs a power of two >= 32");
-
-// Element type <-> accumulator type.
-template <typename T>
-struct Num;
-
-template <>
-struct Num<float> {
-  using acc = float;
-  __device__ __forceinline__ static float to_acc(float v) { return v; }
-  __device__ __forceinline__ static float from_acc(float v) { return v; }
-};
-
-template <>
-struct Num<double> {
-  using acc = double;
-  __device__ __forceinline__ static double to_acc(double v) { return v; }
-  __device__ __forceinline__ static double from_acc(double v) { return v; }
-};
-
-template <>
-struct Num<__half> {
-  using acc = float;
-  __device__ __forceinline__ static float to_acc(__half v) { return __half2float(v); }
-  __device__ __forceinline__ static __half from_acc(float v) { return __float2half_rn(v); }
-};
-
-template <>
-struct Num<__nv_bfloat16> {
-  using acc = float;
-  __device__ __forceinline__ static float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
-  __device__ __forceinline__ static __nv_bfloat16 from_acc(float v) { return __float2bfloat16_rn(v); }
-};
-
-__host__ __device__ __forceinline__ int64_t index_or_identity(const int64_t* idx, int64_t i) {
-  return idx ? idx[i] : i;
-}
 
 // 0 <= v < n for a signed v, with one comparison.
 __device__ __forceinline__ bool in_range(int64_t v, int64_t n) {
@@ -382,11 +336,7 @@ __global__ void __launch_bounds__(NT) implicit_gemm_kernel(const MaskedConv2dArg
   const int tc = out_rows_fast ? tid / TR : tid % TC;
 
   Acc acc[TM][TN];
-#pragma unroll
-  for (int m = 0; m < TM; ++m) {
-#pragma unroll
-    for (int n = 0; n < TN; ++n) acc[m][n] = Acc(0);
-  }
+  zero_tile(acc);
 
   if (tid < BK) ks[0][tid] = op.kinfo(p_begin + tid, p_end);
   __syncthreads();
@@ -418,21 +368,13 @@ __global__ void __launch_bounds__(NT) implicit_gemm_kernel(const MaskedConv2dArg
   }
 
   Acc* ws = split > 1 ? static_cast<Acc*>(a.workspace) + static_cast<int64_t>(blockIdx.z) * I * J : nullptr;
-#pragma unroll
-  for (int m = 0; m < TM; ++m) {
-    const int64_t i = i0 + tr + m * TR;
-    if (i >= I) continue;
-#pragma unroll
-    for (int n = 0; n < TN; ++n) {
-      const int64_t j = j0 + tc + n * TC;
-      if (j >= J) continue;
-      if (ws != nullptr) {
-        ws[i * J + j] = acc[m][n];
-      } else {
-        op.store(i, j, acc[m][n]);
-      }
+  for_each_result(acc, i0 + tr, j0 + tc, I, J, [&](int64_t i, int64_t j, Acc v) {
+    if (ws != nullptr) {
+      ws[i * J + j] = v;
+    } else {
+      op.store(i, j, v);
     }
-  }
+  });
 }
 
 // Sums the split partial tiles of every (i, j) in slice order, then runs the policy's epilogue.
@@ -445,8 +387,7 @@ __global__ void __launch_bounds__(NT) split_k_reduce_kernel(const MaskedConv2dAr
   const int64_t total = op.rows() * J;
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total; e += step) {
-    Acc v = Acc(0);
-    for (int s = 0; s < split; ++s) v += ws[s * total + e];
+    const Acc v = sum_slices(ws, split, total, e);
     op.store(e / J, e % J, v);
   }
 }
@@ -595,8 +536,7 @@ __global__ void __launch_bounds__(NT) depthwise_grad_w_reduce_kernel(const Maske
   const int64_t total = a.k * taps;
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total; e += step) {
-    Acc v = Acc(0);
-    for (int s = 0; s < split; ++s) v += ws[s * total + e];
+    const Acc v = sum_slices(ws, split, total, e);
     const int64_t c = e / taps, tap = e % taps;
     const int64_t ch = index_or_identity(depthwise_channels(a), c);
     static_cast<T*>(a.out)[ch * a.out_s[0] + (tap / a.kw) * a.out_s[2] + (tap % a.kw) * a.out_s[3]] =
@@ -613,23 +553,6 @@ bool valid_geometry(const MaskedConv2dArgs& a) {
   return sizes && a.sh >= 1 && a.sw >= 1 && a.ph >= 0 && a.pw >= 0 && a.dh >= 1 && a.dw >= 1;
 }
 
-// Blocks for a grid-stride loop over `total` elements (the loop covers anything beyond the cap).
-unsigned stride_blocks(int64_t total, int threads) {
-  int64_t blocks = (total + threads - 1) / threads;
-  if (blocks > (1 << 20)) blocks = 1 << 20;
-  return static_cast<unsigned>(blocks < 1 ? 1 : blocks);
-}
-
-// Effective split of a reduction of length P: slices are whole multiples of `quantum` and never
-// empty, so the result never exceeds the request (the workspace was sized for the request).
-int64_t plan_split(int64_t P, int requested, int64_t quantum, int64_t& p_chunk) {
-  p_chunk = P;
-  if (requested <= 1 || P <= quantum) return 1;
-  const int64_t per = (P + requested - 1) / requested;
-  p_chunk = (per + quantum - 1) / quantum * quantum;
-  return (P + p_chunk - 1) / p_chunk;
-}
-
 template <class Op>
 cudaError_t launch_gemm(const MaskedConv2dArgs& a, cudaStream_t stream) {
   const Op op(a);
@@ -639,38 +562,25 @@ cudaError_t launch_gemm(const MaskedConv2dArgs& a, cudaStream_t stream) {
   int64_t p_chunk = P;
   const int64_t split = plan_split(P, a.split_k, BK, p_chunk);
   if (split > 1 && a.workspace == nullptr) return cudaErrorInvalidValue;
-  const int64_t gx = (I + BM - 1) / BM;
-  const int64_t gy = (J + BN - 1) / BN;
-  if (gx > 2147483647LL || gy > 65535 || split > 65535) return cudaErrorInvalidValue;
-  const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(gy), static_cast<unsigned>(split));
-  implicit_gemm_kernel<Op><<<grid, NT, 0, stream>>>(a, p_chunk, static_cast<int>(split));
-  if (split > 1) {
-    const cudaError_t err = cudaGetLastError();
-    if (err != cudaSuccess) return err;
-    split_k_reduce_kernel<Op><<<stride_blocks(I * J, NT), NT, 0, stream>>>(a, static_cast<int>(split));
-  }
-  return cudaGetLastError();
+  dim3 grid;
+  if (!make_grid(stp_fast_cdiv(I, BM), stp_fast_cdiv(J, BN), split, grid)) return cudaErrorInvalidValue;
+  const int s = static_cast<int>(split);
+  return launch_with_reduce(
+      split, [&] { implicit_gemm_kernel<Op><<<grid, NT, 0, stream>>>(a, p_chunk, s); },
+      [&] { split_k_reduce_kernel<Op><<<stride_blocks(I * J, NT), NT, 0, stream>>>(a, s); });
 }
 
-template <typename T>
-cudaError_t launch_depthwise_fwd(const MaskedConv2dArgs& a, cudaStream_t stream) {
-  if (a.n != a.k) return cudaErrorInvalidValue;
-  const int64_t total = a.B * a.k * a.OH * a.OW;
-  if (total == 0) return cudaSuccess;
-  if (a.x == nullptr || a.w == nullptr || a.out == nullptr) return cudaErrorInvalidValue;
-  const bool cl = a.out_s[1] == 1 && a.k > 1;
-  depthwise_fwd_kernel<T><<<stride_blocks(total, NT), NT, 0, stream>>>(a, cl);
-  return cudaGetLastError();
-}
+// The direct depthwise kernels (forward, grad_x): one thread per element of the `total` results,
+// reading `in` (x or grad_out) and the weight.
+using DepthwiseDirectKernel = void (*)(MaskedConv2dArgs, bool);
 
-template <typename T>
-cudaError_t launch_depthwise_grad_x(const MaskedConv2dArgs& a, cudaStream_t stream) {
+cudaError_t launch_depthwise_direct(DepthwiseDirectKernel kernel, const MaskedConv2dArgs& a, int64_t total,
+                                    const void* in, cudaStream_t stream) {
   if (a.n != a.k) return cudaErrorInvalidValue;
-  const int64_t total = a.B * a.k * a.H * a.W;
   if (total == 0) return cudaSuccess;
-  if (a.g == nullptr || a.w == nullptr || a.out == nullptr) return cudaErrorInvalidValue;
+  if (in == nullptr || a.w == nullptr || a.out == nullptr) return cudaErrorInvalidValue;
   const bool cl = a.out_s[1] == 1 && a.k > 1;
-  depthwise_grad_x_kernel<T><<<stride_blocks(total, NT), NT, 0, stream>>>(a, cl);
+  kernel<<<stride_blocks(total, NT), NT, 0, stream>>>(a, cl);
   return cudaGetLastError();
 }
 
@@ -687,34 +597,19 @@ cudaError_t launch_depthwise_grad_w(const MaskedConv2dArgs& a, cudaStream_t stre
   if (split > 1 && a.workspace == nullptr) return cudaErrorInvalidValue;
   // Channels-last operands: 32 consecutive channels per block read 32 consecutive elements.
   const int cw = a.x_s[1] == 1 && a.g_s[1] == 1 && a.k > 1 ? 32 : 1;
-  const int64_t gx = (a.k + cw - 1) / cw * taps;
-  if (gx > 2147483647LL || split > 65535) return cudaErrorInvalidValue;
-  const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(split));
-  depthwise_grad_w_kernel<T><<<grid, DW_NT, 0, stream>>>(a, cw, p_chunk, static_cast<int>(split));
-  if (split > 1) {
-    const cudaError_t err = cudaGetLastError();
-    if (err != cudaSuccess) return err;
-    depthwise_grad_w_reduce_kernel<T><<<stride_blocks(a.k * taps, NT), NT, 0, stream>>>(a, static_cast<int>(split));
-  }
-  return cudaGetLastError();
+  dim3 grid;
+  if (!make_grid(stp_fast_cdiv(a.k, cw) * taps, split, 1, grid)) return cudaErrorInvalidValue;
+  const int s = static_cast<int>(split);
+  return launch_with_reduce(
+      split, [&] { depthwise_grad_w_kernel<T><<<grid, DW_NT, 0, stream>>>(a, cw, p_chunk, s); },
+      [&] { depthwise_grad_w_reduce_kernel<T><<<stride_blocks(a.k * taps, NT), NT, 0, stream>>>(a, s); });
 }
 
-// Calls launch(T{}) for the element type T named by dtype_code.
+// Calls launch(T{}) for the element type T named by dtype_code, after the geometry check.
 template <typename F>
 int dispatch(const MaskedConv2dArgs& a, int dtype_code, F&& launch) {
   if (!valid_geometry(a)) return static_cast<int>(cudaErrorInvalidValue);
-  switch (dtype_code) {
-    case kMaskedConv2dFloat32:
-      return static_cast<int>(launch(float{}));
-    case kMaskedConv2dFloat64:
-      return static_cast<int>(launch(double{}));
-    case kMaskedConv2dFloat16:
-      return static_cast<int>(launch(__half{}));
-    case kMaskedConv2dBFloat16:
-      return static_cast<int>(launch(__nv_bfloat16{}));
-    default:
-      return static_cast<int>(cudaErrorInvalidValue);
-  }
+  return dispatch_dtype(dtype_code, launch);
 }
 
 }  // namespace
@@ -729,11 +624,15 @@ int stp_fast_masked_conv2d_grad_w_launch(const MaskedConv2dArgs& a, int dtype_co
   return dispatch(a, dtype_code, [&](auto t) { return launch_gemm<ConvGradW<decltype(t)>>(a, stream); });
 }
 int stp_fast_masked_conv2d_depthwise_fwd_launch(const MaskedConv2dArgs& a, int dtype_code, cudaStream_t stream) {
-  return dispatch(a, dtype_code, [&](auto t) { return launch_depthwise_fwd<decltype(t)>(a, stream); });
+  return dispatch(a, dtype_code, [&](auto t) {
+    return launch_depthwise_direct(depthwise_fwd_kernel<decltype(t)>, a, a.B * a.k * a.OH * a.OW, a.x, stream);
+  });
 }
 int stp_fast_masked_conv2d_depthwise_grad_x_launch(const MaskedConv2dArgs& a, int dtype_code,
                                                    cudaStream_t stream) {
-  return dispatch(a, dtype_code, [&](auto t) { return launch_depthwise_grad_x<decltype(t)>(a, stream); });
+  return dispatch(a, dtype_code, [&](auto t) {
+    return launch_depthwise_direct(depthwise_grad_x_kernel<decltype(t)>, a, a.B * a.k * a.H * a.W, a.g, stream);
+  });
 }
 int stp_fast_masked_conv2d_depthwise_grad_w_launch(const MaskedConv2dArgs& a, int dtype_code,
                                                    cudaStream_t stream) {

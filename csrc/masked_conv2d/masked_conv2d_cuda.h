@@ -17,13 +17,7 @@
 #include <cuda_runtime.h>
 #endif
 
-// Element type codes understood by the launchers (same values as StpFastDtype in masked_linear.h).
-enum MaskedConv2dDtype : int {
-  kMaskedConv2dFloat32 = 0,
-  kMaskedConv2dFloat64 = 1,
-  kMaskedConv2dFloat16 = 2,
-  kMaskedConv2dBFloat16 = 3,
-};
+#include "common/kernel_abi.h"
 
 // One masked_conv2d problem (groups == 1, or depthwise).  Sizes:
 //   x, grad_x     [B, k, H, W]     k active input channels (compact)
@@ -63,26 +57,14 @@ struct MaskedConv2dArgs {
   void* workspace = nullptr;
 };
 
-// Tile of the implicit-GEMM kernels (output tile BM x BN, reduction depth BK per step).
-constexpr int kMaskedConv2dBM = 64;
-constexpr int kMaskedConv2dBN = 64;
-constexpr int kMaskedConv2dBK = 16;
-// Threads per block of the depthwise weight-gradient kernel (one block per channel and tap).
+// Threads per block of the depthwise weight-gradient kernel (one block per channel and tap).  The
+// implicit-GEMM kernels use the shared SIMT tile kStpFastGemmBM x kStpFastGemmBN x kStpFastGemmBK.
 constexpr int kMaskedConv2dDwThreads = 256;
 
-inline int64_t masked_conv2d_cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
 // Split-K factor for the implicit-GEMM grad_weight (I = n rows, J = k*kh*kw columns, P = B*OH*OW):
-// enough slices for ~2 blocks per SM when the output has too few 64 x 64 tiles, each slice at least
-// 256 deep, at most 64.  Pure arithmetic (shared by the glue and the emulator tests).
+// stp_fast_gemm_split_k (common/kernel_abi.h).
 inline int masked_conv2d_gemm_split_k(int64_t I, int64_t J, int64_t P, int num_sms) {
-  const int64_t tiles = masked_conv2d_cdiv(I, kMaskedConv2dBM) * masked_conv2d_cdiv(J, kMaskedConv2dBN);
-  if (tiles == 0 || num_sms <= 0) return 1;
-  const int64_t want = masked_conv2d_cdiv(2 * static_cast<int64_t>(num_sms), tiles);
-  const int64_t by_depth = P / 256;
-  int64_t s = want < by_depth ? want : by_depth;
-  if (s > 64) s = 64;
-  return s < 1 ? 1 : static_cast<int>(s);
+  return stp_fast_gemm_split_k(I, J, P, num_sms);
 }
 
 // Split factor for the depthwise grad_weight (k*kh*kw blocks, each reducing over P = B*OH*OW):
@@ -90,7 +72,7 @@ inline int masked_conv2d_gemm_split_k(int64_t I, int64_t J, int64_t P, int num_s
 inline int masked_conv2d_depthwise_split_k(int64_t k, int64_t kh, int64_t kw, int64_t P, int num_sms) {
   const int64_t blocks = k * kh * kw;
   if (blocks == 0 || num_sms <= 0) return 1;
-  const int64_t want = masked_conv2d_cdiv(4 * static_cast<int64_t>(num_sms), blocks);
+  const int64_t want = stp_fast_cdiv(4 * static_cast<int64_t>(num_sms), blocks);
   const int64_t by_depth = P / (4 * kMaskedConv2dDwThreads);
   int64_t s = want < by_depth ? want : by_depth;
   if (s > 64) s = 64;
@@ -105,7 +87,7 @@ inline int64_t masked_conv2d_workspace_elems(const MaskedConv2dArgs& a, bool dep
 }
 
 #if defined(WITH_CUDA) || defined(__CUDACC__)
-// Launchers.  dtype_code is a MaskedConv2dDtype shared by every float operand.  Each returns a
+// Launchers.  dtype_code is a StpFastDtype shared by every float operand.  Each returns a
 // cudaError_t as int (0 = success): cudaErrorInvalidValue for bad arguments, else
 // cudaGetLastError() after the launches.  Nothing is launched when the result is empty.
 //

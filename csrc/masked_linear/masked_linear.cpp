@@ -132,11 +132,7 @@ MaskedLinearShape masked_linear_check_named(const at::Tensor& x, const at::Tenso
                                             const at::Tensor* grad_out, const ArgNames& names) {
   const char* op = names.op;
   const std::string& xn = names.x;
-  CHECK_STRIDED(op, xn, x);
-  CHECK_STRIDED(op, "weight", weight);
-  CHECK_FLOATING(op, xn, x);
-  CHECK_SAME_DTYPE(op, "weight", weight, xn, x);
-  CHECK_SAME_DEVICE(op, "weight", weight, xn, x);
+  check_input_and_weight(op, xn, x, weight);
   TORCH_CHECK_VALUE(x.dim() >= 1, op, ": ", xn, " must have at least 1 dimension [..., k], got a 0-D tensor");
   CHECK_DIM(op, "weight", weight, 2, "2-D [N, K]");
 
@@ -146,13 +142,7 @@ MaskedLinearShape masked_linear_check_named(const at::Tensor& x, const at::Tenso
   s.N = weight.size(0);
   s.K = weight.size(1);
 
-  if (bias.has_value()) {
-    CHECK_STRIDED(op, "bias", *bias);
-    CHECK_SAME_DTYPE(op, "bias", *bias, xn, x);
-    CHECK_SAME_DEVICE(op, "bias", *bias, xn, x);
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == s.N, op, ": bias must be 1-D [N] with N = ", s.N,
-                      " (weight.size(0)), got shape ", bias->sizes());
-  }
+  check_bias(op, bias, xn, x, s.N, "N");
 
   const int64_t in_len = check_index(in_index, s.K, x.device(), op, names.in_index.c_str());
   s.in_prefix = in_len < 0;
@@ -164,22 +154,12 @@ MaskedLinearShape masked_linear_check_named(const at::Tensor& x, const at::Tenso
                       " entries");
   }
 
-  const int64_t out_len = check_index(out_index, s.N, x.device(), op, names.out_index.c_str());
-  s.out_prefix = out_len < 0;
-  if (s.out_prefix) {
-    TORCH_CHECK_VALUE(out_width >= 0 && out_width <= s.N, op, ": ", names.out_width, " must lie in [0, ", s.N,
-                      "] (weight.size(0)), got ", out_width);
-  } else {
-    TORCH_CHECK_VALUE(out_width == out_len, op, ": ", names.out_width, " is ", out_width, " but ", names.out_index,
-                      " has ", out_len, " entries");
-  }
+  s.out_prefix = check_out_selection(out_index, out_width, s.N, x.device(), names) < 0;
   s.n = out_width;
 
   if (grad_out != nullptr) {
     const std::string& gn = names.grad_out;
-    CHECK_STRIDED(op, gn, *grad_out);
-    CHECK_SAME_DTYPE(op, gn, *grad_out, xn, x);
-    CHECK_SAME_DEVICE(op, gn, *grad_out, xn, x);
+    check_dense_like(op, gn, *grad_out, xn, x);
     const auto want = masked_linear_out_shape(x, s.n);
     TORCH_CHECK_VALUE(grad_out->sizes() == at::IntArrayRef(want), op, ": ", gn, " must have shape ",
                       at::IntArrayRef(want), " (", xn, ".shape[:-1] + [", names.out_width, "]), got ",

@@ -13,13 +13,7 @@
 #include <cuda_runtime.h>
 #endif
 
-// Element types understood by the launcher.
-enum StpFastDtype : int {
-  kStpFastFloat32 = 0,
-  kStpFastFloat64 = 1,
-  kStpFastFloat16 = 2,
-  kStpFastBFloat16 = 3,
-};
+#include "common/kernel_abi.h"
 
 // One gathered GEMM (all strides in elements, all indices int64):
 //
@@ -62,22 +56,10 @@ struct GatheredGemmArgs {
   void* workspace = nullptr;
 };
 
-// Tile shape of the kernel (output tile BM x BN, depth BK); exposed for split-K planning.
-constexpr int kGatheredGemmBM = 64;
-constexpr int kGatheredGemmBN = 64;
-constexpr int kGatheredGemmBK = 16;
-
-// A split-K factor for an I x J output with reduction length P on a GPU with `num_sms` SMs:
-// enough slices to give ~2 blocks per SM when the output alone has too few tiles, each slice
-// at least 256 deep.  Pure arithmetic, so it is shared by host and tests.
+// Split-K factor of the gathered GEMM: stp_fast_gemm_split_k (common/kernel_abi.h), as the kernel
+// uses the shared SIMT tile kStpFastGemmBM x kStpFastGemmBN.
 inline int gathered_gemm_pick_split_k(int64_t I, int64_t J, int64_t P, int num_sms) {
-  const int64_t tiles = ((I + kGatheredGemmBM - 1) / kGatheredGemmBM) * ((J + kGatheredGemmBN - 1) / kGatheredGemmBN);
-  if (tiles == 0 || num_sms <= 0) return 1;
-  const int64_t want = (2 * static_cast<int64_t>(num_sms) + tiles - 1) / tiles;
-  const int64_t by_depth = P / 256;
-  int64_t s = want < by_depth ? want : by_depth;
-  if (s > 64) s = 64;
-  return s < 1 ? 1 : static_cast<int>(s);
+  return stp_fast_gemm_split_k(I, J, P, num_sms);
 }
 
 // The three GEMMs of masked_linear as GatheredGemmArgs (raw pointers, strides in elements; a null

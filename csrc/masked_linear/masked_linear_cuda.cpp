@@ -10,58 +10,21 @@
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime_api.h>
 #include <torch/library.h>
 
 #include "common/checks.h"
+#include "common/cuda_glue.h"
 #include "masked_linear/masked_linear.h"
 
 namespace stp_fast {
 
 namespace {
 
-int dtype_code(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat:
-      return kStpFastFloat32;
-    case at::kDouble:
-      return kStpFastFloat64;
-    case at::kHalf:
-      return kStpFastFloat16;
-    case at::kBFloat16:
-      return kStpFastBFloat16;
-    default:
-      break;
-  }
-  TORCH_CHECK_TYPE(false, "masked_linear: unsupported dtype ", t);
-  return -1;
-}
+constexpr const char* kOp = "masked_linear";
 
 void launch(const GatheredGemmArgs& args, const at::Tensor& like) {
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(like.device().index()).stream();
-  const int err = stp_fast_gathered_gemm_launch(args, dtype_code(like.scalar_type()), stream);
-  TORCH_CHECK(err == 0, "masked_linear: gathered GEMM launch failed: ",
-              cudaGetErrorString(static_cast<cudaError_t>(err)));
-}
-
-// Contiguous copy of an optional index (the kernel reads index arrays with unit stride).
-std::optional<at::Tensor> contiguous_index(const std::optional<at::Tensor>& idx) {
-  if (!idx.has_value()) return std::nullopt;
-  return idx->contiguous();
-}
-
-const int64_t* index_ptr(const std::optional<at::Tensor>& idx) {
-  return idx.has_value() ? idx->const_data_ptr<int64_t>() : nullptr;
-}
-
-int num_sms(const at::Device& device) {
-  int sms = 0;
-  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device.index()) != cudaSuccess) {
-    (void)cudaGetLastError();  // clear the (non-sticky) error and run without split-K
-    return 0;
-  }
-  return sms;
+  launch_checked(&stp_fast_gathered_gemm_launch, args, like, kOp, "gathered GEMM");
 }
 
 at::Tensor masked_linear_fwd_cuda(const at::Tensor& x, const at::Tensor& weight,
@@ -112,24 +75,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_linear_bwd_cuda(
                                                       g2.stride(1), x2.const_data_ptr(), x2.stride(0), x2.stride(1),
                                                       index_ptr(in_c), index_ptr(out_c), grad_w.mutable_data_ptr(),
                                                       grad_w.stride(0), grad_w.stride(1));
-    at::Tensor workspace;  // must outlive the launch (stream-ordered allocator makes that enough)
+    at::Tensor workspace;  // must outlive the launch
     args.split_k = gathered_gemm_pick_split_k(s.n, s.k, s.M, num_sms(x.device()));
     if (args.split_k > 1) {
-      const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-      workspace = at::empty({static_cast<int64_t>(args.split_k) * s.n * s.k}, x.options().dtype(acc));
+      workspace = split_k_workspace(static_cast<int64_t>(args.split_k) * s.n * s.k, x);
       args.workspace = workspace.mutable_data_ptr();
     }
     launch(args, x);
   }
-  if (need_bias) {
-    grad_b = at::zeros({s.N}, x.options());
-    const at::Tensor gsum = g2.sum(0);
-    if (out_c.has_value()) {
-      grad_b.index_copy_(0, *out_c, gsum);
-    } else {
-      grad_b.narrow(0, 0, s.n).copy_(gsum);
-    }
-  }
+  if (need_bias) grad_b = scatter_grad_bias(g2.sum(0), out_c, s.N, x.options());
   return {grad_x, grad_w, grad_b};
 }
 

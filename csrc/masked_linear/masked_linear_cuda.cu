@@ -2,9 +2,10 @@
 //
 //   C[ci(i), cj(j)]  (+)=  sum_p A[i, p] * B[bp(p), bj(j)]  (+ bias[bj(j)])      (see masked_linear.h)
 //
-// Algorithm: classic shared-memory tiled SIMT GEMM.  Each block owns a BM x BN = 64 x 64 output tile
+// Algorithm: classic shared-memory tiled SIMT GEMM (the tile and its steps are shared with
+// masked_conv2d_cuda.cu in common/cuda_common.cuh).  Each block owns a BM x BN = 64 x 64 output tile
 // and walks the reduction in BK = 16 deep steps; 256 threads each keep a 4 x 4 register block
-// (rows ty + 16*m, cols tx + 16*n, so shared-memory reads are broadcast / consecutive).  Operands
+// (rows tr + 16*m, cols tc + 16*n, so shared-memory reads are broadcast / consecutive).  Operands
 // are read with arbitrary strides and through optional int64 index arrays (the "gather"), converted
 // to the accumulator type (float for float/half/bf16, double for double) when staged in shared
 // memory, and the epilogue adds the bias and scatters through optional row/col indices.  Each
@@ -20,66 +21,17 @@
 // Limits: J <= 65535 * 64 (grid.y), split_k <= 65535; the kernel uses no tensor cores (this is the
 // portable correctness baseline; cuBLAS on compacted operands or a Triton kernel is faster).
 // Deliberately free of ATen/torch headers so that it compiles with plain nvcc (KERNELS.md §6(iv)).
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
 
+#include "common/cuda_common.cuh"
 #include "masked_linear/masked_linear.h"
 
 namespace {
 
-constexpr int BM = kGatheredGemmBM;
-constexpr int BN = kGatheredGemmBN;
-constexpr int BK = kGatheredGemmBK;
-constexpr int TM = 4;              // rows per thread
-constexpr int TN = 4;              // cols per thread
-constexpr int TX = BN / TN;        // 16 threads across columns
-constexpr int TY = BM / TM;        // 16 threads across rows
-constexpr int NT = TX * TY;        // 256 threads per block
-constexpr int A_LOADS = BM * BK / NT;  // A elements staged per thread per step (4)
-constexpr int B_LOADS = BK * BN / NT;  // B elements staged per thread per step (4)
-constexpr int PAD = 1;             // breaks the stride-64 bank pattern of p-fast staging writes
-
-static_assert(BM % TM == 0 && BN % TN == 0, "tile must split into register blocks");
-static_assert((BM * BK) % NT == 0 && (BK * BN) % NT == 0, "tiles must split evenly over threads");
-static_assert(NT % BM == 0 && NT % BN == 0 && NT % BK == 0, "loader mappings need NT divisible by tile dims");
-
-// Element type <-> accumulator type.
-template <typename T>
-struct Num;
-
-template <>
-struct Num<float> {
-  using acc = float;
-  __device__ __forceinline__ static float to_acc(float v) { return v; }
-  __device__ __forceinline__ static float from_acc(float v) { return v; }
-};
-
-template <>
-struct Num<double> {
-  using acc = double;
-  __device__ __forceinline__ static double to_acc(double v) { return v; }
-  __device__ __forceinline__ static double from_acc(double v) { return v; }
-};
-
-template <>
-struct Num<__half> {
-  using acc = float;
-  __device__ __forceinline__ static float to_acc(__half v) { return __half2float(v); }
-  __device__ __forceinline__ static __half from_acc(float v) { return __float2half_rn(v); }
-};
-
-template <>
-struct Num<__nv_bfloat16> {
-  using acc = float;
-  __device__ __forceinline__ static float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
-  __device__ __forceinline__ static __nv_bfloat16 from_acc(float v) { return __float2bfloat16_rn(v); }
-};
-
-// idx[i], or i when there is no index array.
-__device__ __forceinline__ int64_t index_or_identity(const int64_t* idx, int64_t i) { return idx ? idx[i] : i; }
+using namespace stp_fast::cuda;        // Num, index_or_identity, launch helpers (common/cuda_common.cuh)
+using namespace stp_fast::cuda::simt;  // the GEMM tile (BM, BN, BK, TM, TN, TR, TC, NT, ...)
 
 // Epilogue for one output element: + bias[bj(j)], + C (accumulate), scatter to C[ci(i), cj(j)].
 template <typename T>
@@ -106,8 +58,8 @@ __global__ void __launch_bounds__(NT) gathered_gemm_kernel(const GatheredGemmArg
   const T* A = static_cast<const T*>(a.A);
   const T* B = static_cast<const T*>(a.B);
   const int tid = static_cast<int>(threadIdx.x);
-  const int tx = tid % TX;
-  const int ty = tid / TX;
+  const int tc = tid % TC;
+  const int tr = tid / TC;
   const int64_t i0 = static_cast<int64_t>(blockIdx.x) * BM;
   const int64_t j0 = static_cast<int64_t>(blockIdx.y) * BN;
   const int64_t p_begin = static_cast<int64_t>(blockIdx.z) * p_chunk;
@@ -152,12 +104,7 @@ __global__ void __launch_bounds__(NT) gathered_gemm_kernel(const GatheredGemmArg
   }
 
   Acc acc[TM][TN];
-#pragma unroll
-  for (int m = 0; m < TM; ++m) {
-#pragma unroll
-    for (int n = 0; n < TN; ++n) acc[m][n] = Acc(0);
-  }
-
+  zero_tile(acc);
   for (int64_t p0 = p_begin; p0 < p_end; p0 += BK) {
 #pragma unroll
     for (int r = 0; r < A_LOADS; ++r) {
@@ -178,9 +125,9 @@ __global__ void __launch_bounds__(NT) gathered_gemm_kernel(const GatheredGemmArg
     for (int kk = 0; kk < BK; ++kk) {
       Acc ra[TM], rb[TN];
 #pragma unroll
-      for (int m = 0; m < TM; ++m) ra[m] = As[kk][ty + m * TY];
+      for (int m = 0; m < TM; ++m) ra[m] = As[kk][tr + m * TR];
 #pragma unroll
-      for (int n = 0; n < TN; ++n) rb[n] = Bs[kk][tx + n * TX];
+      for (int n = 0; n < TN; ++n) rb[n] = Bs[kk][tc + n * TC];
 #pragma unroll
       for (int m = 0; m < TM; ++m) {
 #pragma unroll
@@ -193,28 +140,10 @@ __global__ void __launch_bounds__(NT) gathered_gemm_kernel(const GatheredGemmArg
   if (a.split_k > 1) {
     // Raw partial sums, dense [split_k, I, J]; the reduce kernel does the epilogue.
     Acc* ws = static_cast<Acc*>(a.workspace) + static_cast<int64_t>(blockIdx.z) * a.I * a.J;
-#pragma unroll
-    for (int m = 0; m < TM; ++m) {
-      const int64_t i = i0 + ty + m * TY;
-      if (i >= a.I) continue;
-#pragma unroll
-      for (int n = 0; n < TN; ++n) {
-        const int64_t j = j0 + tx + n * TX;
-        if (j < a.J) ws[i * a.J + j] = acc[m][n];
-      }
-    }
+    for_each_result(acc, i0 + tr, j0 + tc, a.I, a.J, [&](int64_t i, int64_t j, Acc v) { ws[i * a.J + j] = v; });
     return;
   }
-#pragma unroll
-  for (int m = 0; m < TM; ++m) {
-    const int64_t i = i0 + ty + m * TY;
-    if (i >= a.I) continue;
-#pragma unroll
-    for (int n = 0; n < TN; ++n) {
-      const int64_t j = j0 + tx + n * TX;
-      if (j < a.J) store_output<T>(a, i, j, acc[m][n]);
-    }
-  }
+  for_each_result(acc, i0 + tr, j0 + tc, a.I, a.J, [&](int64_t i, int64_t j, Acc v) { store_output<T>(a, i, j, v); });
 }
 
 // Sums the split_k partial tiles of every (i, j) in slice order, then runs the epilogue.
@@ -225,8 +154,7 @@ __global__ void __launch_bounds__(NT) split_k_reduce_kernel(const GatheredGemmAr
   const int64_t total = a.I * a.J;
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total; e += step) {
-    Acc v = Acc(0);
-    for (int s = 0; s < a.split_k; ++s) v += ws[s * total + e];
+    const Acc v = sum_slices(ws, a.split_k, total, e);
     store_output<T>(a, e / a.J, e % a.J, v);
   }
 }
@@ -238,49 +166,20 @@ cudaError_t launch_typed(const GatheredGemmArgs& args, cudaStream_t stream) {
   if (args.A == nullptr && args.P > 0) return cudaErrorInvalidValue;
   if ((args.B == nullptr && args.P > 0) || args.C == nullptr) return cudaErrorInvalidValue;
 
-  // Effective split: slices are whole multiples of BK, and never empty.
   GatheredGemmArgs a = args;
   int64_t p_chunk = a.P;
-  int64_t split = a.split_k < 1 ? 1 : a.split_k;
-  if (split > 1 && a.P > BK) {
-    if (a.workspace == nullptr) return cudaErrorInvalidValue;
-    const int64_t per = (a.P + split - 1) / split;
-    p_chunk = (per + BK - 1) / BK * BK;
-    split = (a.P + p_chunk - 1) / p_chunk;  // <= requested split, so the workspace is big enough
-  } else {
-    split = 1;
-  }
+  const int64_t split = plan_split(a.P, a.split_k, BK, p_chunk);
+  if (split > 1 && a.workspace == nullptr) return cudaErrorInvalidValue;
   a.split_k = static_cast<int>(split);
-
-  const int64_t gx = (a.I + BM - 1) / BM;
-  const int64_t gy = (a.J + BN - 1) / BN;
-  if (gx > 2147483647LL || gy > 65535 || split > 65535) return cudaErrorInvalidValue;
-  const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(gy), static_cast<unsigned>(split));
-  gathered_gemm_kernel<T><<<grid, NT, 0, stream>>>(a, p_chunk);
-  if (split > 1) {
-    cudaError_t err = cudaGetLastError();
-    if (err != cudaSuccess) return err;
-    const int64_t total = a.I * a.J;
-    int64_t blocks = (total + NT - 1) / NT;
-    if (blocks > (1 << 20)) blocks = 1 << 20;  // grid-stride loop covers the rest
-    split_k_reduce_kernel<T><<<static_cast<unsigned>(blocks), NT, 0, stream>>>(a);
-  }
-  return cudaGetLastError();
+  dim3 grid;
+  if (!make_grid(stp_fast_cdiv(a.I, BM), stp_fast_cdiv(a.J, BN), split, grid)) return cudaErrorInvalidValue;
+  return launch_with_reduce(
+      split, [&] { gathered_gemm_kernel<T><<<grid, NT, 0, stream>>>(a, p_chunk); },
+      [&] { split_k_reduce_kernel<T><<<stride_blocks(a.I * a.J, NT), NT, 0, stream>>>(a); });
 }
 
 }  // namespace
 
 int stp_fast_gathered_gemm_launch(const GatheredGemmArgs& a, int dtype_code, cudaStream_t stream) {
-  switch (dtype_code) {
-    case kStpFastFloat32:
-      return static_cast<int>(launch_typed<float>(a, stream));
-    case kStpFastFloat64:
-      return static_cast<int>(launch_typed<double>(a, stream));
-    case kStpFastFloat16:
-      return static_cast<int>(launch_typed<__half>(a, stream));
-    case kStpFastBFloat16:
-      return static_cast<int>(launch_typed<__nv_bfloat16>(a, stream));
-    default:
-      return static_cast<int>(cudaErrorInvalidValue);
-  }
+  return dispatch_dtype(dtype_code, [&](auto t) { return launch_typed<decltype(t)>(a, stream); });
 }

@@ -56,6 +56,15 @@ at::Tensor slice_param(const std::optional<at::Tensor>& p, const BnSubnet& sub, 
   return t.to(dtype);
 }
 
+// The subnet's weight for ATen in dtype pd; float16/bfloat16 without affine weight: ones, which
+// force ATen's mixed-type path (float statistics).
+at::Tensor subnet_weight(const std::optional<at::Tensor>& weight, const BnSubnet& sub, const at::Tensor& x,
+                         at::ScalarType pd) {
+  at::Tensor w = slice_param(weight, sub, pd);
+  if (!w.defined() && is_reduced(x.scalar_type())) w = at::ones({sub.c}, x.options().dtype(at::kFloat));
+  return w;
+}
+
 // acc[channels of sub] += v (acc full [C]).
 void add_channels(at::Tensor& acc, const at::Tensor& v, const BnSubnet& sub) {
   if (sub.c == 0) return;
@@ -166,10 +175,8 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Ten
     const at::Tensor& x = xs[i];
     const BnSubnet& sub = subs[i];
     const at::ScalarType pd = param_dtype(x);
-    at::Tensor w = slice_param(weight, sub, pd);
+    const at::Tensor w = subnet_weight(weight, sub, x, pd);
     const at::Tensor b = slice_param(bias, sub, pd);
-    // float16/bfloat16 without affine weight: ones force ATen's mixed-type path (float statistics).
-    if (!w.defined() && is_reduced(x.scalar_type())) w = at::ones({sub.c}, x.options().dtype(at::kFloat));
     at::Tensor y, mean, invstd;
     if (training) {
       if (x.numel() == 0) {
@@ -199,9 +206,7 @@ void check_bwd_lists(at::TensorList grads, at::TensorList xs, at::TensorList mea
                      const std::vector<BnSubnet>& subs) {
   for (size_t i = 0; i < xs.size(); ++i) {
     const std::string gn = item_name("grads", i), xn = item_name("xs", i);
-    CHECK_STRIDED(kOp, gn, grads[i]);
-    CHECK_SAME_DTYPE(kOp, gn, grads[i], xn, xs[i]);
-    CHECK_SAME_DEVICE(kOp, gn, grads[i], xn, xs[i]);
+    check_dense_like(kOp, gn, grads[i], xn, xs[i]);
     TORCH_CHECK_VALUE(grads[i].sizes() == xs[i].sizes(), kOp, ": ", gn, " must have the shape of ", xn, " ",
                       xs[i].sizes(), ", got ", grads[i].sizes());
     for (const auto& [list, name] : {std::pair<at::TensorList, const char*>{means, "means"}, {invstds, "invstds"}}) {
@@ -241,8 +246,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> multi_subnet_batch_n
     const at::Tensor& x = xs[i];
     const BnSubnet& sub = subs[i];
     const at::ScalarType pd = param_dtype(x);
-    at::Tensor w = slice_param(weight, sub, pd);
-    if (!w.defined() && is_reduced(x.scalar_type())) w = at::ones({sub.c}, opts.dtype(at::kFloat));
+    const at::Tensor w = subnet_weight(weight, sub, x, pd);
     const at::Tensor mean = means[i].to(pd), invstd = invstds[i].to(pd);
     at::Tensor g = grads[i];
     if (x.numel() == 0) {

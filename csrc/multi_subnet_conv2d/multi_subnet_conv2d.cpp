@@ -19,6 +19,7 @@
 
 #include "common/checks.h"
 #include "common/gather.h"
+#include "common/subnets.h"
 #include "masked_conv2d/masked_conv2d_cpu.h"
 
 namespace stp_fast {
@@ -27,17 +28,7 @@ namespace {
 
 constexpr const char* kOp = "multi_subnet_conv2d";
 
-struct ConvSubnet {
-  MaskedConv2dShape s;
-  std::optional<at::Tensor> in_c, out_c;  // contiguous indices (none: prefix)
-  const at::Tensor* in() const { return index_or_null(in_c); }
-  const at::Tensor* out() const { return index_or_null(out_c); }
-};
-
-std::optional<at::Tensor> list_item(const std::optional<at::TensorList>& list, size_t i) {
-  if (!list.has_value()) return std::nullopt;
-  return (*list)[i];
-}
+using ConvSubnet = Subnet<MaskedConv2dShape>;
 
 // Validates every argument; returns the per-subnet shapes and contiguous indices.
 std::vector<ConvSubnet> check_subnets(at::TensorList xs, const at::Tensor& weight,
@@ -46,23 +37,15 @@ std::vector<ConvSubnet> check_subnets(at::TensorList xs, const at::Tensor& weigh
                                       const std::optional<at::TensorList>& out_indices, at::IntArrayRef stride,
                                       at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                                       const at::TensorList* grads) {
-  check_subnet_inputs(kOp, xs);
-  const size_t S = xs.size();
-  check_list_len(kOp, "out_widths", out_widths.size(), S);
-  if (in_indices.has_value()) check_list_len(kOp, "in_indices", in_indices->size(), S);
-  if (out_indices.has_value()) check_list_len(kOp, "out_indices", out_indices->size(), S);
-  if (grads != nullptr) check_list_len(kOp, "grads", grads->size(), S);
+  const size_t S = check_subnet_lists(kOp, xs, out_widths, in_indices, out_indices, grads);
   CHECK_DIM(kOp, "weight", weight, 4, "4-D [C_out, C_in/groups, kh, kw]");
   const bool depthwise = groups != 1;
   TORCH_CHECK_VALUE(!depthwise || (groups == weight.size(0) && weight.size(1) == 1), kOp,
                     ": groups must be 1, or weight.size(0) with weight [C, 1, kh, kw] (depthwise); got groups=",
                     groups, " with weight of shape ", weight.sizes());
 
-  std::vector<ConvSubnet> subs(S);
-  for (size_t i = 0; i < S; ++i) {
+  const auto check_one = [&](size_t i, const std::optional<at::Tensor>& in_i, const std::optional<at::Tensor>& out_i) {
     const ArgNames names = subnet_names(kOp, i);
-    const auto in_i = list_item(in_indices, i);
-    const auto out_i = list_item(out_indices, i);
     // Depthwise: subnet i is a compact depthwise conv over its own k_i channels (groups = k_i,
     // which may be 1 or 0), so the mode is forced rather than inferred from groups.
     int64_t sub_groups = 1;
@@ -70,17 +53,17 @@ std::vector<ConvSubnet> check_subnets(at::TensorList xs, const at::Tensor& weigh
       CHECK_DIM(kOp, names.x, xs[i], 4, "4-D [B, k, H, W]");
       sub_groups = xs[i].size(1);
     }
-    subs[i].s = masked_conv2d_check_named(xs[i], weight, bias, in_i, out_i, out_widths[i], stride, padding, dilation,
-                                          sub_groups, grads ? &(*grads)[i] : nullptr, names, depthwise);
+    const MaskedConv2dShape s = masked_conv2d_check_named(xs[i], weight, bias, in_i, out_i, out_widths[i], stride,
+                                                          padding, dilation, sub_groups,
+                                                          grads ? &(*grads)[i] : nullptr, names, depthwise);
     if (i > 0) {
       TORCH_CHECK_VALUE(xs[i].size(2) == xs[0].size(2) && xs[i].size(3) == xs[0].size(3), kOp, ": ", names.x,
                         " has spatial size (", xs[i].size(2), ", ", xs[i].size(3), ") but xs[0] has (",
                         xs[0].size(2), ", ", xs[0].size(3), "); all subnets share one H, W");
     }
-    subs[i].in_c = contiguous_index(in_i);
-    subs[i].out_c = contiguous_index(out_i);
-  }
-  return subs;
+    return s;
+  };
+  return check_each_subnet<MaskedConv2dShape>(S, in_indices, out_indices, check_one);
 }
 
 std::vector<at::Tensor> multi_subnet_conv2d_fwd_cpu(at::TensorList xs, const at::Tensor& weight,

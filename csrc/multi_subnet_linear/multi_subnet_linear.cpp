@@ -31,6 +31,7 @@
 
 #include "common/checks.h"
 #include "common/gather.h"
+#include "common/subnets.h"
 #include "masked_linear/masked_linear_cpu.h"
 
 namespace stp_fast {
@@ -39,17 +40,7 @@ namespace {
 
 constexpr const char* kOp = "multi_subnet_linear";
 
-struct LinearSubnet {
-  MaskedLinearShape s;
-  std::optional<at::Tensor> in_c, out_c;  // contiguous indices (none: prefix)
-  const at::Tensor* in() const { return index_or_null(in_c); }
-  const at::Tensor* out() const { return index_or_null(out_c); }
-};
-
-std::optional<at::Tensor> list_item(const std::optional<at::TensorList>& list, size_t i) {
-  if (!list.has_value()) return std::nullopt;
-  return (*list)[i];
-}
+using LinearSubnet = Subnet<MaskedLinearShape>;
 
 // Validates every argument; returns the per-subnet shapes and contiguous indices.
 std::vector<LinearSubnet> check_subnets(at::TensorList xs, const at::Tensor& weight,
@@ -57,22 +48,12 @@ std::vector<LinearSubnet> check_subnets(at::TensorList xs, const at::Tensor& wei
                                         const std::optional<at::TensorList>& in_indices,
                                         const std::optional<at::TensorList>& out_indices,
                                         const at::TensorList* grads) {
-  check_subnet_inputs(kOp, xs);
-  const size_t S = xs.size();
-  check_list_len(kOp, "out_widths", out_widths.size(), S);
-  if (in_indices.has_value()) check_list_len(kOp, "in_indices", in_indices->size(), S);
-  if (out_indices.has_value()) check_list_len(kOp, "out_indices", out_indices->size(), S);
-  if (grads != nullptr) check_list_len(kOp, "grads", grads->size(), S);
-  std::vector<LinearSubnet> subs(S);
-  for (size_t i = 0; i < S; ++i) {
-    const auto in_i = list_item(in_indices, i);
-    const auto out_i = list_item(out_indices, i);
-    subs[i].s = masked_linear_check_named(xs[i], weight, bias, in_i, out_i, out_widths[i],
-                                          grads ? &(*grads)[i] : nullptr, subnet_names(kOp, i));
-    subs[i].in_c = contiguous_index(in_i);
-    subs[i].out_c = contiguous_index(out_i);
-  }
-  return subs;
+  const size_t S = check_subnet_lists(kOp, xs, out_widths, in_indices, out_indices, grads);
+  const auto check_one = [&](size_t i, const std::optional<at::Tensor>& in_i, const std::optional<at::Tensor>& out_i) {
+    return masked_linear_check_named(xs[i], weight, bias, in_i, out_i, out_widths[i], grads ? &(*grads)[i] : nullptr,
+                                     subnet_names(kOp, i));
+  };
+  return check_each_subnet<MaskedLinearShape>(S, in_indices, out_indices, check_one);
 }
 
 // Subnets grouped by shared input (header comment), members in subnet order, groups ordered by

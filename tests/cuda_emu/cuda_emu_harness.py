@@ -154,7 +154,7 @@ def build(cu_files: list[Path], bindings: list[Path], build_dir: Path) -> ctypes
         units.append((copy, build_dir / (cu.stem + ".emu.o")))
     for src in [HERE / "emu_runtime.cpp", *bindings]:
         units.append((src, build_dir / (src.stem + ".o")))
-    headers = sorted(INCLUDE.glob("*.h")) + sorted(CSRC.rglob("*.h"))
+    headers = sorted(INCLUDE.glob("*.h")) + sorted(CSRC.rglob("*.h")) + sorted(CSRC.rglob("*.cuh"))
     for path in [*(u[0] for u in units), *headers]:
         digest.update(path.read_bytes())
     lib = build_dir / f"libstp_fast_emu_{digest.hexdigest()[:16]}.so"
