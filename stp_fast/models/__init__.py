@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from stp_fast.models.base import Supernet
+from stp_fast.models.mobilenetv3 import mobilenetv3_large
 from stp_fast.models.resnet_cifar import resnet20, resnet56
 from stp_fast.models.resnet_imagenet import resnet50
 from stp_fast.models.vit import vit_tiny
@@ -15,6 +16,7 @@ _REGISTRY: dict[str, Callable[..., Supernet]] = {
     "resnet56": resnet56,
     "resnet50": resnet50,
     "wrn28_10": wrn28_10,
+    "mobilenetv3_large": mobilenetv3_large,
     "vit_tiny": vit_tiny,
 }
 

@@ -24,8 +24,13 @@ def _net(name="resnet20", **kw):
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.weight.uniform_(0.5, 1.5)
                 m.bias.uniform_(-0.2, 0.2)
+        bns = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        for m in bns:  # cumulative averages: running stats = the data's, not ~(0, 1)
+            m.momentum = None
         for _ in range(2):
             net(torch.randn(8, net.in_chans, 32, 32))
+        for m in bns:
+            m.momentum = 0.1
     return net.eval()
 
 
