@@ -15,10 +15,6 @@ Tolerance rules (one table for the whole project):
 
 from __future__ import annotations
 
-import os
-import shutil
-from contextlib import contextmanager
-
 import pytest
 import torch
 from torch import Tensor
@@ -54,34 +50,6 @@ def assert_gemm_close(actual: Tensor, baseline: Tensor, oracle: Tensor, *, name:
     assert err <= GEMM_ERROR_FACTOR * base_err + atol, (
         f"{name}: max error {err:.3g} > {GEMM_ERROR_FACTOR} x PyTorch's {base_err:.3g} + {atol:.3g}"
     )
-
-
-def nvcc_path() -> str | None:
-    return shutil.which("nvcc") or (
-        os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc") if os.environ.get("CUDA_HOME") else None
-    )
-
-
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-@contextmanager
-def env(**values: str | None):
-    """Temporarily set (or with None, unset) environment variables."""
-    old = {k: os.environ.get(k) for k in values}
-    try:
-        for k, v in values.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def backend_device(backend: str) -> str:

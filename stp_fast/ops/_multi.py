@@ -68,11 +68,6 @@ def check_index_list_values(indices: Sequence[Tensor] | None, dim: int, *, op: s
         check_index_values(idx, dim, op=op, arg=f"{arg}[{s}]")
 
 
-def check_grads(grads: Sequence[Tensor | None], outputs_like: Sequence[tuple[int, ...]], *, op: str) -> None:
-    if len(grads) != len(outputs_like):
-        raise ValueError(f"{op}: got {len(grads)} gradients for {len(outputs_like)} subnet outputs")
-
-
 def save_for_backward(ctx, xs, weight, in_indices, out_indices, out_widths) -> None:
     """Save a multi-subnet op's tensors (no copies) and its list structure on ``ctx``."""
     ctx.save_for_backward(*xs, weight, *(in_indices or ()), *(out_indices or ()))

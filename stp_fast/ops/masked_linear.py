@@ -24,6 +24,7 @@ from stp_fast.ops._checks import (
     check_index_values,
     normalize_index,
 )
+from stp_fast.ops._family import put_block, register_family, take_block, triton_dtype_reasons
 
 OP = "masked_linear"
 
@@ -58,70 +59,20 @@ def masked_linear_ref(
     return F.linear(x, w, b)
 
 
-def _weight_block_positions(weight: Tensor, in_index: Tensor | None, out_index: Tensor | None, k: int, n: int):
-    rows = out_index if out_index is not None else torch.arange(n, device=weight.device)
-    cols = in_index if in_index is not None else torch.arange(k, device=weight.device)
-    return rows, cols
-
-
 def _ref_forward(x2: Tensor, weight: Tensor, bias: Tensor | None, in_index, out_index, out_width: int) -> Tensor:
     return masked_linear_ref(x2, weight, bias, in_index, out_index, out_width)
 
 
 def _ref_backward(g2, x2, weight, in_index, out_index, out_width, need_x, need_w, need_b):
-    k = x2.shape[-1]
-    rows, cols = _weight_block_positions(weight, in_index, out_index, k, out_width)
-    gx = gw = gb = None
-    if need_x:
-        gx = g2 @ weight[rows][:, cols]
-    if need_w:
-        gw = torch.zeros_like(weight)
-        gw[rows.unsqueeze(1), cols.unsqueeze(0)] = (g2.T @ x2).to(weight.dtype)
-    if need_b:
-        gb = weight.new_zeros(weight.shape[0])
-        gb[rows] = g2.sum(0).to(weight.dtype)
+    rows = out_index if out_index is not None else out_width
+    cols = in_index if in_index is not None else x2.shape[-1]
+    gx = g2 @ take_block(weight, rows, cols) if need_x else None
+    gw = put_block(weight, g2.T @ x2, rows, cols) if need_w else None
+    gb = put_block(weight.new_empty(weight.shape[0]), g2.sum(0), rows, None) if need_b else None
     return gx, gw, gb
 
 
-def _ext_forward(x2, weight, bias, in_index, out_index, out_width):
-    return torch.ops.stp_fast._masked_linear_fwd(x2, weight, bias, in_index, out_index, out_width)
-
-
-def _ext_backward(g2, x2, weight, in_index, out_index, out_width, need_x, need_w, need_b):
-    outs = torch.ops.stp_fast._masked_linear_bwd(g2, x2, weight, in_index, out_index, out_width, need_x, need_w, need_b)
-    return tuple(t if need else None for t, need in zip(outs, (need_x, need_w, need_b)))
-
-
-def _triton_forward(*args):
-    from stp_fast.kernels.masked_linear import masked_linear_fwd_triton
-
-    return masked_linear_fwd_triton(*args)
-
-
-def _triton_backward(*args):
-    from stp_fast.kernels.masked_linear import masked_linear_bwd_triton
-
-    return masked_linear_bwd_triton(*args)
-
-
-def _triton_input_reasons(x: Tensor, *_args) -> list[str]:
-    if x.dtype == torch.float64:
-        return ["the Triton kernels support float32, float16 and bfloat16, not float64"]
-    return []
-
-
-_backend.register(OP, _backend.Impl("reference", {"forward": _ref_forward, "backward": _ref_backward}))
-for _name in ("cpu", "cuda"):
-    _backend.register(
-        OP,
-        _backend.Impl(_name, {"forward": _ext_forward, "backward": _ext_backward}, ext_op="_masked_linear_fwd"),
-    )
-_backend.register(
-    OP,
-    _backend.Impl(
-        "triton", {"forward": _triton_forward, "backward": _triton_backward}, input_reasons=_triton_input_reasons
-    ),
-)
+register_family(OP, ref_forward=_ref_forward, ref_backward=_ref_backward, triton_reasons=triton_dtype_reasons)
 
 
 def _check_static(x, weight, bias, in_index, out_index, out_width) -> None:
