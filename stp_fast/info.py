@@ -103,7 +103,7 @@ def render(info: dict[str, object]) -> str:
     for family, per_dev in info["ops"].items():  # type: ignore[union-attr]
         for dev, (name, skipped) in per_dev.items():
             why = "; ".join(f"{b}: {', '.join(r)}" for b, r in skipped.items())
-            lines.append(f"  {family:<22} {dev:<5} -> {name:<10}" + (f"  (skipped {why})" if why else ""))
+            lines.append(f"  {family:<24} {dev:<5} -> {name}" + (f"  (skipped {why})" if why else ""))
     lines += ["", "environment:"]
     for key, value in info["env"].items():  # type: ignore[union-attr]
         lines.append(f"  {key:<20} {value if value is not None else '-':<8} {ENV_VARS[key]}")
