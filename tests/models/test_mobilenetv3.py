@@ -4,52 +4,36 @@ A reduced model (width_mult=0.5) on 64x64 inputs keeps the file fast."""
 
 from __future__ import annotations
 
-import io
-import random
-
 import pytest
 import torch
+from _supernet_checks import (
+    MODES,
+    SEED_ARCHS,
+    assert_descending,
+    check_export_and_reload,
+    check_extracted_equals_subnet,
+    check_forward_many_equals_separate_passes,
+    check_forward_many_gradients,
+    check_macs_agree_with_torch_pruning,
+    check_only_full_arch_updates_running_stats,
+    check_onnx_export,
+    check_sort_channels_keeps_the_function,
+    one_thread,  # noqa: F401  (autouse: one intra-op thread for this module)
+    randomise_bn,
+)
 
 import stp_fast
 from stp_fast.models.mobilenetv3 import mobilenetv3_large
 
-SEED_ARCHS = 30
 SIZE = 64
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny convolutions: with 2 OpenMP threads on a busy 2-core machine the spinning threads made
-    # this file ~14x slower (137 s vs 10 s measured); one thread is also the fastest when idle.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+X_SHAPE = (3, SIZE, SIZE)
 
 
 def _net(width_mult=0.5, **kw):
     torch.manual_seed(0)
     net = mobilenetv3_large(10, width_mult=width_mult, **kw)
-    net.train()
-    with torch.no_grad():  # non-trivial BN statistics and affine parameters, non-zero SE biases
-        for m in net.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.2, 0.2)
-                m.momentum = None  # cumulative: the running statistics become the data's, not ~(0, 1)
-            elif isinstance(m, torch.nn.Conv2d) and m.bias is not None:
-                m.bias.uniform_(-0.5, 0.5)
-        for _ in range(2):
-            net(torch.randn(8, net.in_chans, SIZE, SIZE))
-    for m in net.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.momentum = 0.01
-    return net.eval()
-
-
-def _archs(net, count, seed=0):
-    rng = random.Random(seed)
-    return [net.space.full(), net.space.smallest()] + [net.space.sample(rng) for _ in range(count - 2)]
+    # non-zero SE biases too; BN momentum 0.01 after the (cumulative) warm-up
+    return randomise_bn(net, (8, net.in_chans, SIZE, SIZE), momentum=0.01, conv_bias=0.5)
 
 
 def test_structure_matches_torchvision():
@@ -67,17 +51,7 @@ def test_structure_matches_torchvision():
 
 
 def test_extracted_equals_subnet_and_macs_match():
-    net = _net()
-    x = torch.randn(2, 3, SIZE, SIZE)
-    worst = 0.0
-    for a in _archs(net, SEED_ARCHS):
-        plain = stp_fast.extract(net, a).eval()
-        with torch.no_grad():
-            y, yp = net(x, arch=a), plain(x)
-        worst = max(worst, ((y - yp).abs().max() / yp.abs().max()).item())
-        assert stp_fast.count_macs(plain, (3, SIZE, SIZE)) == (net.space.macs(a, (3, SIZE, SIZE)), net.space.params(a))
-        assert all(type(m).__module__.startswith("torch.") for m in plain.modules()), "extract must be plain torch"
-    assert worst <= 1e-5, f"extracted model differs from the subnet by {worst:.2e} (relative)"
+    check_extracted_equals_subnet(_net(), X_SHAPE, SEED_ARCHS)
 
 
 def test_dropped_blocks_are_absent_from_the_extracted_model():
@@ -89,97 +63,38 @@ def test_dropped_blocks_are_absent_from_the_extracted_model():
     assert all((f"features.{k + 1}" in names) == (k in kept) for k in range(15))
 
 
-@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("mode", MODES)
 def test_forward_many_equals_separate_passes(mode):
-    net = _net()
-    net.train(mode == "train")
-    x = torch.randn(4, 3, SIZE, SIZE)
-    archs = _archs(net, 6, seed=5)
-    with torch.no_grad():
-        many = net.forward_many(x, archs)
-        single = [net(x, arch=a) for a in archs]
-    for a, b in zip(many, single):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    check_forward_many_equals_separate_passes(_net(), mode, X_SHAPE)
 
 
 def test_forward_many_gradients_equal_sum_of_separate():
-    net = _net()
-    net.train()
-    x = torch.randn(4, 3, SIZE, SIZE)
-    archs = _archs(net, 4, seed=7)
-    sum(y.square().mean() for y in net.forward_many(x, archs)).backward()
-    batched = {n: p.grad.clone() for n, p in net.named_parameters()}
-    net.zero_grad()
-    for a in archs:
-        net(x, arch=a).square().mean().backward()
-    for n, p in net.named_parameters():
-        torch.testing.assert_close(batched[n], p.grad, rtol=1e-4, atol=1e-6, msg=f"gradient of {n}")
+    check_forward_many_gradients(_net(), X_SHAPE)
 
 
 def test_only_full_arch_updates_running_stats():
     net = _net()
-    net.train()
     bn = net.features[5].block[1][1]  # depthwise BN of block 4 (elastic width, droppable)
-    before = bn.running_mean.clone()
-    net.forward_many(torch.randn(4, 3, SIZE, SIZE), [net.space.smallest(), net.space.sample(1)])
-    assert torch.equal(bn.running_mean, before), "a subnet pass changed the shared running statistics"
-    net.forward_many(torch.randn(4, 3, SIZE, SIZE), [net.space.smallest(), net.space.full()])
-    assert not torch.equal(bn.running_mean, before)
+    check_only_full_arch_updates_running_stats(net, [bn], X_SHAPE)
 
 
 def test_macs_agree_with_torch_pruning():
-    tp = pytest.importorskip("torch_pruning")
     for wm in (0.5, 1.0):
-        net = _net(wm)
-        for a in _archs(net, 5, seed=11):
-            plain = stp_fast.extract(net, a)
-            ops, params = tp.utils.count_ops_and_params(plain, torch.zeros(1, 3, SIZE, SIZE))
-            assert abs(ops - net.space.macs(a, (3, SIZE, SIZE))) <= 0.01 * ops
-            assert params == net.space.params(a)
+        check_macs_agree_with_torch_pruning(_net(wm), X_SHAPE)
 
 
 def test_sort_channels_keeps_the_function():
     net = _net()
-    x = torch.randn(2, 3, SIZE, SIZE)
-    with torch.no_grad():
-        before = net(x)
-        net.sort_channels()
-        after = net(x)
-    torch.testing.assert_close(before, after, rtol=1e-4, atol=1e-5)
-    w = net.features[5].block[0][0].weight.abs().flatten(1).sum(1)
-    assert torch.all(w[:-1] >= w[1:]), "expansion channels must be in descending L1 order"
+    check_sort_channels_keeps_the_function(net, X_SHAPE)
+    assert_descending(net.features[5].block[0][0].weight.abs().flatten(1).sum(1), "expansion channels")
 
 
 def test_export_and_reload_without_stp_fast_classes(tmp_path):
-    net = _net()
-    a = net.space.sample(3)
-    plain = stp_fast.extract(net, a).eval()
-    x = torch.randn(2, 3, SIZE, SIZE)
-    scripted = torch.jit.script(plain)
-    path = tmp_path / "pruned.pt"
-    scripted.save(str(path))
-    torch.testing.assert_close(torch.jit.load(str(path))(x), plain(x))
-    buf = io.BytesIO()
-    torch.save(plain.state_dict(), buf)
-    buf.seek(0)
-    plain.load_state_dict(torch.load(buf, weights_only=True))
-    full_sd = stp_fast.extract(net, net.space.full()).state_dict()
-    fresh = mobilenetv3_large(10, width_mult=0.5)
-    fresh.load_state_dict(full_sd)
-    fresh.eval()
-    torch.testing.assert_close(fresh(x), net(x))
+    check_export_and_reload(_net(), X_SHAPE, lambda: mobilenetv3_large(10, width_mult=0.5), tmp_path)
 
 
 def test_onnx_export_runs():
-    ort = pytest.importorskip("onnxruntime")
-    pytest.importorskip("onnx")
-    net = _net()
-    plain = stp_fast.extract(net, net.space.sample(4)).eval()
-    x = torch.randn(2, 3, SIZE, SIZE)
-    buf = io.BytesIO()
-    torch.onnx.export(plain, (x,), buf, dynamo=False, input_names=["x"], output_names=["y"])
-    y = ort.InferenceSession(buf.getvalue()).run(None, {"x": x.numpy()})[0]
-    torch.testing.assert_close(torch.from_numpy(y), plain(x).detach(), rtol=1e-4, atol=1e-5)
+    check_onnx_export(_net(), X_SHAPE)
 
 
 def test_bad_archs_name_the_field():

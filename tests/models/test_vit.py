@@ -5,16 +5,29 @@ for its cost numbers."""
 
 from __future__ import annotations
 
-import io
 import random
 
 import pytest
 import torch
+from _supernet_checks import (
+    MODES,
+    SEED_ARCHS,
+    assert_counts_match,
+    assert_descending,
+    assert_forward_many_matches,
+    check_export_and_reload,
+    check_extracted_equals_subnet,
+    check_forward_many_equals_separate_passes,
+    check_forward_many_gradients,
+    check_macs_agree_with_torch_pruning,
+    check_onnx_export,
+    check_sort_channels_keeps_the_function,
+    one_thread,  # noqa: F401  (autouse: one intra-op thread for this module)
+)
 
 import stp_fast
 from stp_fast.models.vit import vit_tiny
 
-SEED_ARCHS = 30
 SMALL = {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 4, "num_heads": 4}
 X_SHAPE = (3, 32, 32)
 
@@ -35,23 +48,8 @@ def _net(**kw):
     return net.eval()
 
 
-def _archs(net, count, seed=0):
-    rng = random.Random(seed)
-    return [net.space.full(), net.space.smallest()] + [net.space.sample(rng) for _ in range(count - 2)]
-
-
 def test_extracted_equals_subnet_and_macs_match():
-    net = _net()
-    x = torch.randn(2, *X_SHAPE)
-    worst = 0.0
-    for a in _archs(net, SEED_ARCHS):
-        plain = stp_fast.extract(net, a).eval()
-        with torch.no_grad():
-            y, yp = net(x, arch=a), plain(x)
-        worst = max(worst, ((y - yp).abs().max() / yp.abs().max()).item())
-        assert stp_fast.count_macs(plain, X_SHAPE) == (net.space.macs(a), net.space.params(a))
-        assert all(type(m).__module__.startswith("torch.") for m in plain.modules()), "extract must be plain torch"
-    assert worst <= 1e-5, f"extracted model differs from the subnet by {worst:.2e} (relative)"
+    check_extracted_equals_subnet(_net(), X_SHAPE, SEED_ARCHS)
 
 
 def test_extracted_shapes_follow_the_arch():
@@ -68,46 +66,21 @@ def test_extracted_shapes_follow_the_arch():
     torch.testing.assert_close(b0.attn.qkv.weight, torch.cat([w[0:16], w[64:80], w[128:144]]))
 
 
-@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("mode", MODES)
 def test_forward_many_equals_separate_passes(mode):
     net = _net()
-    net.train(mode == "train")
-    x = torch.randn(4, *X_SHAPE)
-    archs = _archs(net, 6, seed=5)
-    with torch.no_grad():
-        many = net.forward_many(x, archs)
-        single = [net(x, arch=a) for a in archs]
-    for a, b in zip(many, single):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    x, archs = check_forward_many_equals_separate_passes(net, mode, X_SHAPE)
     # archs whose heads are all full take the prefix (no out_indices) path of the qkv projection
     full_heads = [stp_fast.Arch.make(a.depth, {**a.widths, **{f"b{j}.heads": 4 for j in range(4)}}) for a in archs]
-    with torch.no_grad():
-        for a, b in zip(net.forward_many(x, full_heads), [net(x, arch=a) for a in full_heads]):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert_forward_many_matches(net, x, full_heads)
 
 
 def test_forward_many_gradients_equal_sum_of_separate():
-    net = _net()
-    net.train()
-    x = torch.randn(4, *X_SHAPE)
-    archs = _archs(net, 4, seed=7)
-    sum(y.square().mean() for y in net.forward_many(x, archs)).backward()
-    batched = {n: p.grad.clone() for n, p in net.named_parameters()}
-    net.zero_grad()
-    for a in archs:
-        net(x, arch=a).square().mean().backward()
-    for n, p in net.named_parameters():
-        torch.testing.assert_close(batched[n], p.grad, rtol=1e-4, atol=1e-6, msg=f"gradient of {n}")
+    check_forward_many_gradients(_net(), X_SHAPE)
 
 
 def test_macs_agree_with_torch_pruning():
-    tp = pytest.importorskip("torch_pruning")
-    net = _net()
-    for a in _archs(net, 6, seed=11):
-        plain = stp_fast.extract(net, a)
-        ops, params = tp.utils.count_ops_and_params(plain, torch.zeros(1, *X_SHAPE))
-        assert abs(ops - net.space.macs(a)) <= 0.01 * ops
-        assert params == net.space.params(a)
+    check_macs_agree_with_torch_pruning(_net(), X_SHAPE, count=6)
 
 
 def test_deit_tiny_size_and_cost():
@@ -118,7 +91,7 @@ def test_deit_tiny_size_and_cost():
     assert net.space.params(full) == sum(p.numel() for p in net.parameters()) == 5_717_416  # DeiT-Tiny
     assert net.space.choices("b0.heads") == (1, 2, 3)
     for a in (full, small):
-        assert stp_fast.count_macs(stp_fast.extract(net, a), (3, 224, 224)) == (net.space.macs(a), net.space.params(a))
+        assert_counts_match(net, a, (3, 224, 224))
     assert small.depth == (1,) and net.space.macs(small) < 0.05 * net.space.macs(full)
     with pytest.raises(ValueError, match="input_size must be"):
         net.space.macs(full, (3, 32, 32))
@@ -137,51 +110,18 @@ def test_space_moves_stay_valid():
 
 def test_sort_channels_keeps_the_function():
     net = _net()
-    x = torch.randn(2, *X_SHAPE)
-    with torch.no_grad():
-        before = net(x)
-        net.sort_channels()
-        after = net(x)
-    torch.testing.assert_close(before, after, rtol=1e-4, atol=1e-5)
-    qkv = net.blocks[1].attn.qkv.weight.abs().reshape(3, 4, 16, 64).sum((0, 2, 3))
-    assert torch.all(qkv[:-1] >= qkv[1:]), "heads must be in descending L1 order"
-    w = net.blocks[1].mlp.fc1.weight.abs().sum(1)
-    assert torch.all(w[:-1] >= w[1:]), "MLP hidden units must be in descending L1 order"
+    check_sort_channels_keeps_the_function(net, X_SHAPE)
+    assert_descending(net.blocks[1].attn.qkv.weight.abs().reshape(3, 4, 16, 64).sum((0, 2, 3)), "heads")
+    assert_descending(net.blocks[1].mlp.fc1.weight.abs().sum(1), "MLP hidden units")
 
 
 def test_export_and_reload_without_stp_fast_classes(tmp_path):
-    net = _net()
-    a = net.space.sample(3)
-    plain = stp_fast.extract(net, a).eval()
-    x = torch.randn(2, *X_SHAPE)
-    scripted = torch.jit.script(plain)
-    path = tmp_path / "pruned.pt"
-    scripted.save(str(path))
-    torch.testing.assert_close(torch.jit.load(str(path))(x), plain(x))
+    plain, x = check_export_and_reload(_net(), X_SHAPE, lambda: vit_tiny(10, **SMALL), tmp_path)
     torch.testing.assert_close(torch.jit.trace(plain, x)(x), plain(x))
-    # state dicts load with weights_only=True, into the plain model and (for the full arch) the supernet
-    buf = io.BytesIO()
-    torch.save(plain.state_dict(), buf)
-    buf.seek(0)
-    plain.load_state_dict(torch.load(buf, weights_only=True))
-    full_sd = stp_fast.extract(net, net.space.full()).state_dict()
-    assert set(full_sd) == set(net.state_dict())
-    fresh = vit_tiny(10, **SMALL)
-    fresh.load_state_dict(full_sd)
-    fresh.eval()
-    torch.testing.assert_close(fresh(x), net(x))
 
 
 def test_onnx_export_runs():
-    ort = pytest.importorskip("onnxruntime")
-    pytest.importorskip("onnx")
-    net = _net()
-    plain = stp_fast.extract(net, net.space.sample(4)).eval()
-    x = torch.randn(2, *X_SHAPE)
-    buf = io.BytesIO()
-    torch.onnx.export(plain, (x,), buf, dynamo=False, input_names=["x"], output_names=["y"])
-    y = ort.InferenceSession(buf.getvalue()).run(None, {"x": x.numpy()})[0]
-    torch.testing.assert_close(torch.from_numpy(y), plain(x).detach(), rtol=1e-4, atol=1e-5)
+    check_onnx_export(_net(), X_SHAPE)
 
 
 def test_bad_inputs():

@@ -4,68 +4,44 @@ implementation's state dict.  Most tests use WRN-16-2 (widths 32/64/128) on 32x3
 
 from __future__ import annotations
 
-import io
-import random
-
 import pytest
 import torch
 import torch.nn.functional as F
+from _supernet_checks import (
+    MODES,
+    SEED_ARCHS,
+    assert_counts_match,
+    assert_descending,
+    check_export_and_reload,
+    check_extracted_equals_subnet,
+    check_forward_many_equals_separate_passes,
+    check_forward_many_gradients,
+    check_macs_agree_with_torch_pruning,
+    check_only_full_arch_updates_running_stats,
+    check_onnx_export,
+    check_reference_state_dict_loads,
+    check_sort_channels_keeps_the_function,
+    one_thread,  # noqa: F401  (autouse: one intra-op thread for this module)
+    randomise_bn,
+)
 from torch import nn
 
 import stp_fast
 from stp_fast.models.wrn import wrn28_10
 
-SEED_ARCHS = 30
 SIZE = (3, 32, 32)
 SMALL = {"depth": 16, "widen_factor": 2}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny convolutions: on a busy 2-core machine intra-op threads spin-wait far longer than they compute."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _randomise_bn(net: nn.Module, x: torch.Tensor) -> None:
-    """Non-trivial BN affine parameters and running statistics (two train-mode batches)."""
-    net.train()
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.2, 0.2)
-        for _ in range(2):
-            net(x)
 
 
 def _net(**kw):
     torch.manual_seed(0)
     net = wrn28_10(10, **{**SMALL, **kw})
-    _randomise_bn(net, torch.randn(8, *SIZE))
-    return net.eval()
-
-
-def _archs(net, count, seed=0):
-    rng = random.Random(seed)
-    return [net.space.full(), net.space.smallest()] + [net.space.sample(rng) for _ in range(count - 2)]
+    return randomise_bn(net, torch.randn(8, *SIZE))
 
 
 @pytest.mark.parametrize("kw", [{}, {"prune_residual": True}, {"prune_residual": True, "depth": 10, "widen_factor": 1}])
 def test_extracted_equals_subnet_and_macs_match(kw):
-    net = _net(**kw)
-    x = torch.randn(2, *SIZE)
-    worst = 0.0
-    for a in _archs(net, SEED_ARCHS if kw.get("prune_residual") else 10):
-        plain = stp_fast.extract(net, a).eval()
-        with torch.no_grad():
-            y, yp = net(x, arch=a), plain(x)
-        worst = max(worst, ((y - yp).abs().max() / yp.abs().max()).item())
-        assert stp_fast.count_macs(plain, SIZE) == (net.space.macs(a), net.space.params(a))
-        assert all(type(m).__module__.startswith("torch.") for m in plain.modules()), "extract must be plain torch"
-    assert worst <= 1e-5, f"extracted model differs from the subnet by {worst:.2e} (relative)"
+    check_extracted_equals_subnet(_net(**kw), SIZE, SEED_ARCHS if kw.get("prune_residual") else 10)
 
 
 def test_residual_groups():
@@ -79,72 +55,38 @@ def test_full_size_counts():
     net = wrn28_10(10)
     assert net.space.params(net.space.full()) == 36_479_194  # WRN-28-10, 10 classes
     for a in (net.space.full(), net.space.smallest()):
-        assert stp_fast.count_macs(stp_fast.extract(net, a), SIZE) == (net.space.macs(a), net.space.params(a))
+        assert_counts_match(net, a, SIZE)
 
 
-@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("prune_residual", [False, True])
 def test_forward_many_equals_separate_passes(mode, prune_residual):
-    net = _net(prune_residual=prune_residual)
-    net.train(mode == "train")
-    x = torch.randn(4, *SIZE)
-    archs = _archs(net, 6, seed=5)
-    with torch.no_grad():
-        many = net.forward_many(x, archs)
-        single = [net(x, arch=a) for a in archs]
-    for a, b in zip(many, single):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    check_forward_many_equals_separate_passes(_net(prune_residual=prune_residual), mode, SIZE)
 
 
 def test_forward_many_gradients_equal_sum_of_separate():
-    net = _net(prune_residual=True)
-    net.train()
-    x = torch.randn(4, *SIZE)
-    archs = _archs(net, 4, seed=7)
-    sum(y.square().mean() for y in net.forward_many(x, archs)).backward()
-    batched = {n: p.grad.clone() for n, p in net.named_parameters()}
-    net.zero_grad()
-    for a in archs:
-        net(x, arch=a).square().mean().backward()
-    for n, p in net.named_parameters():
-        torch.testing.assert_close(batched[n], p.grad, rtol=1e-4, atol=1e-6, msg=f"gradient of {n}")
+    check_forward_many_gradients(_net(prune_residual=True), SIZE)
 
 
 def test_only_full_arch_updates_running_stats():
     net = _net()
-    net.train()
-    bns = (net.block2.layer[1].bn1, net.bn1)  # a pre-activation BN on the stream and the final BN
-    before = [bn.running_mean.clone() for bn in bns]
-    net.forward_many(torch.randn(4, *SIZE), [net.space.smallest(), net.space.sample(1)])
-    assert all(torch.equal(bn.running_mean, b) for bn, b in zip(bns, before)), "a subnet pass changed them"
-    net.forward_many(torch.randn(4, *SIZE), [net.space.smallest(), net.space.full()])
-    assert not any(torch.equal(bn.running_mean, b) for bn, b in zip(bns, before))
+    # a pre-activation BN on the stream and the final BN
+    check_only_full_arch_updates_running_stats(net, [net.block2.layer[1].bn1, net.bn1], SIZE)
 
 
 def test_macs_agree_with_torch_pruning():
-    tp = pytest.importorskip("torch_pruning")
     for pr in (True, False):
-        net = _net(prune_residual=pr)
-        for a in _archs(net, 5, seed=11):
-            plain = stp_fast.extract(net, a)
-            ops, params = tp.utils.count_ops_and_params(plain, torch.zeros(1, *SIZE))
-            assert abs(ops - net.space.macs(a)) <= 0.01 * ops
-            assert params == net.space.params(a)
+        check_macs_agree_with_torch_pruning(_net(prune_residual=pr), SIZE)
 
 
 @pytest.mark.parametrize("kw", [{"prune_residual": True}, {"prune_residual": True, "depth": 10, "widen_factor": 1}])
 def test_sort_channels_keeps_the_function(kw):
     net = _net(**kw)
-    x = torch.randn(2, *SIZE)
-    with torch.no_grad():
-        before = net(x)
-        net.sort_channels()
-        after = net(x)
-    torch.testing.assert_close(before, after, rtol=1e-4, atol=1e-5)
+    check_sort_channels_keeps_the_function(net, SIZE)
     g2 = net.block2.layer
     stream = [blk.conv2.weight for blk in g2] + [g2[0].convShortcut.weight]
     for s in (g2[0].conv1.weight.abs().flatten(1).sum(1), sum(w.abs().flatten(1).sum(1) for w in stream)):
-        assert torch.all(s[:-1] >= s[1:]), "channels must be in descending L1 order"
+        assert_descending(s)
 
 
 class _RefBlock(nn.Module):
@@ -195,47 +137,18 @@ def test_reference_state_dict_loads():
     torch.manual_seed(1)
     ref = _RefWRN(16, 2, 10)
     x = torch.randn(2, *SIZE)
-    _randomise_bn(ref, x)
-    ref.eval()
-    sd = ref.state_dict()
-    net = wrn28_10(10, **SMALL)
-    assert {k: v.shape for k, v in net.state_dict().items()} == {k: v.shape for k, v in sd.items()}
-    net.load_state_dict(sd)
-    net.eval()
-    with torch.no_grad():
-        torch.testing.assert_close(net(x), ref(x), rtol=1e-4, atol=1e-5)
-    ref.load_state_dict(stp_fast.extract(net, net.space.full()).state_dict())
+    randomise_bn(ref, x)
+    check_reference_state_dict_loads(wrn28_10(10, **SMALL), ref, x)
 
 
 def test_export_and_reload_without_stp_fast_classes(tmp_path):
-    net = _net(prune_residual=True)
-    a = net.space.sample(3)
-    plain = stp_fast.extract(net, a).eval()
-    x = torch.randn(2, *SIZE)
-    scripted = torch.jit.script(plain)
-    path = tmp_path / "pruned.pt"
-    scripted.save(str(path))
-    torch.testing.assert_close(torch.jit.load(str(path))(x), plain(x))
-    buf = io.BytesIO()
-    torch.save(plain.state_dict(), buf)
-    buf.seek(0)
-    plain.load_state_dict(torch.load(buf, weights_only=True))
-    fresh = wrn28_10(10, prune_residual=True, **SMALL)
-    fresh.load_state_dict(stp_fast.extract(net, net.space.full()).state_dict())
-    fresh.eval()
-    torch.testing.assert_close(fresh(x), net(x))
+    check_export_and_reload(
+        _net(prune_residual=True), SIZE, lambda: wrn28_10(10, prune_residual=True, **SMALL), tmp_path
+    )
 
 
 def test_onnx_export_runs():
-    ort = pytest.importorskip("onnxruntime")
-    pytest.importorskip("onnx")
-    net = _net()
-    plain = stp_fast.extract(net, net.space.sample(4)).eval()
-    x = torch.randn(2, *SIZE)
-    buf = io.BytesIO()
-    torch.onnx.export(plain, (x,), buf, dynamo=False, input_names=["x"], output_names=["y"])
-    y = ort.InferenceSession(buf.getvalue()).run(None, {"x": x.numpy()})[0]
-    torch.testing.assert_close(torch.from_numpy(y), plain(x).detach(), rtol=1e-4, atol=1e-5)
+    check_onnx_export(_net(), SIZE)
 
 
 def test_bad_inputs():
