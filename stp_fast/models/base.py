@@ -32,6 +32,23 @@ class Supernet(nn.Module):
     def extract(self, arch: Arch) -> nn.Module:
         raise NotImplementedError
 
+    def _run_blocks(self, stages, hs: list[Tensor], archs: Sequence[Arch], owner: int | None, block_many,
+                    first: int = 0) -> list[Tensor]:  # fmt: skip
+        """Run every block of ``stages`` once for the archs that keep it (the others pass through).
+
+        ``block_many(block, xs, sub_archs, stage_number, block_index, stats)`` computes one block for a
+        subset of the archs; ``stage_number`` counts from ``first`` (as in the model's group names)."""
+        hs = list(hs)
+        for i, stage in enumerate(stages):
+            for j, block in enumerate(stage):
+                members = active(archs, i, j)
+                if members:
+                    ys = block_many(block, [hs[m] for m in members], [archs[m] for m in members], i + first, j,
+                                    owner_within(owner, members))  # fmt: skip
+                    for m, y in zip(members, ys):
+                        hs[m] = y
+        return hs
+
     def _check_archs(self, x: Tensor, archs: Sequence[Arch]) -> tuple[list[Arch], int | None]:
         """Validated archs and the index of the one owning BN statistics (the first full arch)."""
         if not isinstance(archs, (list, tuple)) or not archs:

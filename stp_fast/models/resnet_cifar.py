@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from stp_fast.arch.counting import conv_macs, linear_macs, norm_ops
 from stp_fast.arch.space import DEFAULT_WIDTH_RATIOS, Arch, Space
-from stp_fast.models.base import Supernet, active, l1_order, owner_within
+from stp_fast.models.base import Supernet, l1_order
 from stp_fast.nn import elastic
 from stp_fast.nn.plain import PlainBuilder, slice_bn, slice_conv, slice_linear
 from stp_fast.ops.masked_conv2d import conv_out_size
@@ -96,24 +96,20 @@ class ResNetCifar(Supernet):
         n = len(archs)
         hs = elastic.conv_bn(self.stem.conv, self.stem.bn, [x] * n, [self._res(a, 0) for a in archs], relu=True,
                              stats=owner)  # fmt: skip
-        for i, stage in enumerate(self.stages):
-            for j, block in enumerate(stage):
-                members = active(archs, i, j)
-                if not members:
-                    continue
-                sub = [archs[m] for m in members]
-                stats = owner_within(owner, members)
-                xs = [hs[m] for m in members]
-                mids = [a.widths[f"s{i}.b{j}.mid"] for a in sub]
-                outs = [self._res(a, i) for a in sub]
-                h = elastic.conv_bn(block.conv1, block.bn1, xs, mids, relu=True, stats=stats)
-                h = elastic.conv_bn(block.conv2, block.bn2, h, outs, relu=False, stats=stats)
-                if block.downsample is not None:
-                    xs = elastic.conv_bn(block.downsample[0], block.downsample[1], xs, outs, relu=False, stats=stats)
-                for m, y, skip in zip(members, h, xs):
-                    hs[m] = F.relu(y + skip)
+        hs = self._run_blocks(self.stages, hs, archs, owner, self._block_many)
         pooled = [h.mean((2, 3)) for h in hs]
         return elastic.linear(self.fc, pooled, [self.num_classes] * n)
+
+    def _block_many(self, block: BasicBlock, xs: list[Tensor], sub: list[Arch], i: int, j: int,
+                    stats: int | None) -> list[Tensor]:  # fmt: skip
+        """Block ``stages.{i}.{j}`` for every arch in ``sub`` (inputs ``xs``)."""
+        mids = [a.widths[f"s{i}.b{j}.mid"] for a in sub]
+        outs = [self._res(a, i) for a in sub]
+        h = elastic.conv_bn(block.conv1, block.bn1, xs, mids, relu=True, stats=stats)
+        h = elastic.conv_bn(block.conv2, block.bn2, h, outs, relu=False, stats=stats)
+        if block.downsample is not None:
+            xs = elastic.conv_bn(block.downsample[0], block.downsample[1], xs, outs, relu=False, stats=stats)
+        return [F.relu(y + skip) for y, skip in zip(h, xs)]
 
     # ------------------------------------------------------------------ extraction
     def extract(self, arch: Arch) -> torch.fx.GraphModule:

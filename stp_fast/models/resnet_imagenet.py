@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from stp_fast.arch.counting import conv_macs, linear_macs, norm_ops
 from stp_fast.arch.space import DEFAULT_WIDTH_RATIOS, Arch, Space
-from stp_fast.models.base import Supernet, active, l1_order, owner_within
+from stp_fast.models.base import Supernet, l1_order
 from stp_fast.nn import elastic
 from stp_fast.nn.plain import PlainBuilder, slice_bn, slice_conv, slice_linear
 from stp_fast.ops.masked_conv2d import conv_out_size
@@ -136,15 +136,7 @@ class ResNetImageNet(Supernet):
         hs = elastic.conv_bn(self.conv1, self.bn1, [x] * n, [self._res(a, 0) for a in archs], relu=True,
                              stats=owner)  # fmt: skip
         hs = [F.max_pool2d(h, 3, 2, 1) for h in hs]
-        for i, stage in enumerate(self.stages, 1):
-            for j, block in enumerate(stage):
-                members = active(archs, i - 1, j)
-                if not members:
-                    continue
-                ys = self._block_many(block, [hs[m] for m in members], [archs[m] for m in members], i, j,
-                                      owner_within(owner, members))  # fmt: skip
-                for m, y in zip(members, ys):
-                    hs[m] = y
+        hs = self._run_blocks(self.stages, hs, archs, owner, self._block_many, first=1)
         pooled = [h.mean((2, 3)) for h in hs]
         return elastic.linear(self.fc, pooled, [self.num_classes] * n)
 
