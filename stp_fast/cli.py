@@ -1,6 +1,8 @@
 """The ``stp-fast`` command (also ``python -m stp_fast``).
 
-Subcommands: ``info`` (versions and backends), ``bench`` (benchmarks; prints a table, writes JSON).
+Subcommands: ``prune`` (STP training, search, extraction), ``train`` (dense model), ``eval``
+(top-1 of a saved model), ``bench`` (benchmarks; prints a table, writes JSON), ``info`` (versions
+and backends).  Bad input ends with a one-line error and exit code 2.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import os
 import sys
 import time
 from pathlib import Path
+
+from stp_fast.train import commands
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -65,12 +69,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-BENCHMARKS = ["masked_linear", "masked_conv2d", "multi_subnet", "forward_many"]
+BENCHMARKS = ["masked_linear", "masked_conv2d", "multi_subnet", "forward_many", "step"]
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stp-fast", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands.add_parsers(sub)
 
     p = sub.add_parser("info", help="versions, compiled kernels and the backend each op uses")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
@@ -88,7 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except commands.UsageError as exc:
+        print(f"stp-fast {args.command}: error: {exc}", file=sys.stderr)
+        return commands.EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":

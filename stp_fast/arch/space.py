@@ -222,6 +222,34 @@ class Space:
             out = r.choice(grown)
         return out
 
+    def shrink(self, arch: Arch, target_macs: float, rng: RNG = None, input_size: Sequence[int] | None = None) -> Arch:
+        """Reduce ``arch`` (random genes, one step down at a time) until its MACs are at most
+        ``target_macs`` (or nothing can shrink further).  The result is contained in ``arch``."""
+        r = _rng(rng)
+        out = self.validate(arch)
+        while self.macs(out, input_size) > target_macs:
+            smaller = [a for a in (self._step(out, g, -1) for g in self._genes(out)) if a is not None]
+            if not smaller:
+                break
+            out = r.choice(smaller)
+        return out
+
+    def fit(self, arch: Arch, low: float, high: float, rng: RNG = None,
+            input_size: Sequence[int] | None = None) -> Arch:  # fmt: skip
+        """Move ``arch`` into the MACs band ``[low, high]``: shrink random genes while above ``high``,
+        then grow random genes -- only by steps that stay within ``high`` -- while below ``low``.
+        The result is at most ``high`` unless even the smallest arch exceeds it; it may stay below
+        ``low`` when no single step fits (coarse spaces)."""
+        r = _rng(rng)
+        out = self.shrink(arch, high, r, input_size)
+        while self.macs(out, input_size) < low:
+            grown = [a for a in (self._step(out, g, 1) for g in self._genes(out)) if a is not None]
+            grown = [a for a in grown if self.macs(a, input_size) <= high]
+            if not grown:
+                break
+            out = r.choice(grown)
+        return self.canonical(out)
+
     def contains(self, big: Arch, small: Arch) -> bool:
         """Whether ``big`` keeps every block and channel that ``small`` keeps."""
         return all(b >= s for b, s in zip(big.depth, small.depth)) and all(

@@ -39,7 +39,9 @@ def create(name: str, num_classes: int, in_chans: int = 3, **kw) -> Supernet:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
     if not isinstance(in_chans, int) or in_chans < 1:
         raise ValueError(f"in_chans must be a positive int, got {in_chans!r}")
-    return _REGISTRY[name](num_classes, in_chans, **kw)
+    net = _REGISTRY[name](num_classes, in_chans, **kw)
+    net.model_name, net.model_kwargs = name, dict(kw)  # recorded in checkpoints
+    return net
 
 
 __all__ = ["Supernet", "create", "names", "register"]

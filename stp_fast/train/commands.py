@@ -1,0 +1,294 @@
+"""The training subcommands of ``stp-fast``: ``prune``, ``train`` and ``eval``.
+
+Bad input (an unknown model or data set, a target outside (0, 1), missing or corrupt data, a
+checkpoint of another model, an output folder holding an earlier run) and a diverged run end with a
+one-line error on stderr and exit code 2, before anything of an earlier run is touched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+EXIT_BAD_INPUT = 2
+RUN_FILES = ("checkpoint.pt", "report.json", "pruned.pt", "dense.pt", "metrics.jsonl", "arch.json")
+
+
+class UsageError(Exception):
+    """A problem with the command line or its inputs: reported in one line, exit code 2."""
+
+
+# ---------------------------------------------------------------------------------------------- parsers
+def add_parsers(sub) -> None:
+    from stp_fast.data import DATASET_HELP
+
+    p = sub.add_parser("prune", help="STP-train a supernet, search the budget subnet, extract it (no fine-tuning)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog=f"data sets (--dataset):\n{DATASET_HELP}")  # fmt: skip
+    _common(p)
+    p.add_argument("--flops-target", type=float, required=True, metavar="F",
+                   help="kept fraction of the dense model's MACs, in (0, 1); 0.15 = 85%% reduction")  # fmt: skip
+    p.add_argument("--method", choices=["stp", "st"], default="stp", help="stp (default) or plain stimulative training")
+    p.add_argument("--init", metavar="DENSE.pt", help="start from a dense checkpoint (`stp-fast train`)")
+    p.add_argument("--subnets", type=int, help="subnets per step besides the full net (default 4)")
+    p.add_argument("--pool-size", type=int, help="architecture pool size (default 50)")
+    p.add_argument("--expansion", choices=["progressive", "assistant", "off"], help="subnet mutating expansion")
+    p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("train", help="train the dense model (a checkpoint for `prune --init`)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog=f"data sets (--dataset):\n{DATASET_HELP}")  # fmt: skip
+    _common(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="top-1 of a pruned.pt (TorchScript) or a checkpoint on a data set's test split")
+    p.add_argument("--model", required=True, metavar="FILE", help="pruned.pt, dense.pt or checkpoint.pt")
+    p.add_argument("--dataset", default="digits", help="data set (default digits)")
+    p.add_argument("--data", metavar="PATH", help="path for --dataset npz|cifar10|cifar100|imagefolder")
+    p.add_argument("--image-size", type=int, help="resize images to this size (imagefolder default 64)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_eval)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    from stp_fast import models
+
+    p.add_argument("--model", required=True, help=f"supernet: {', '.join(models.names())}")
+    p.add_argument("--dataset", default="digits", help="data set (default digits, see below)")
+    p.add_argument("--data", metavar="PATH", help="path for --dataset npz|cifar10|cifar100|imagefolder")
+    p.add_argument("--out", metavar="DIR", help="output folder (default: runs/<command>-<model>-<dataset>[-N], new)")
+    p.add_argument("--epochs", type=int, help="training epochs (default 30)")
+    p.add_argument("--batch-size", type=int, help="batch size per process (default 64)")
+    p.add_argument("--lr", type=float, help="peak learning rate of the cosine schedule (default 0.1)")
+    p.add_argument("--seed", type=int, help="seed of everything random (default 0)")
+    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
+    p.add_argument("--train-limit", type=int, metavar="N", help="use only N training images")
+    p.add_argument("--image-size", type=int, help="resize images to this size (imagefolder default 64)")
+    p.add_argument("--augment", default="auto", help="auto (default), none, crop, crop+flip")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--progress", choices=["auto", "bar", "log", "off"], default="auto",
+                   help="progress bars on a terminal, log lines otherwise (auto)")  # fmt: skip
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any STPConfig field, e.g. --set kd_temperature=2 --set pool_update_interval=20")  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _config(args: argparse.Namespace, **fixed):
+    from stp_fast.train.config import STPConfig
+
+    # --augment is the data set's policy (a string); STPConfig.augment (on/off) stays as configured
+    kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(STPConfig)
+          if f.name != "augment" and getattr(args, f.name, None) is not None}  # fmt: skip
+    if getattr(args, "subnets", None) is not None:
+        kw["subnets_per_step"] = args.subnets
+    kw |= fixed
+    types = {f.name: f.type for f in dataclasses.fields(STPConfig)}
+    for item in args.set:
+        key, eq, value = item.partition("=")
+        if not eq or key not in types:
+            raise UsageError(f"--set {item!r}: expected KEY=VALUE with KEY one of {', '.join(sorted(types))}")
+        kw[key] = _parse_value(key, value, getattr(STPConfig, key))
+    try:
+        return STPConfig(**kw).validate()
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+
+
+def _parse_value(key: str, text: str, default):
+    try:
+        if isinstance(default, bool):
+            if text.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                raise ValueError(text)
+            return text.lower() in ("1", "true", "yes")
+        if isinstance(default, int):
+            return int(text)
+        if isinstance(default, float):
+            return float(text)
+        return text
+    except ValueError:
+        raise UsageError(f"--set {key}={text}: expected a {type(default).__name__}") from None
+
+
+def _out_dir(args: argparse.Namespace, command: str) -> Path:
+    """The output folder; refuses one that holds an earlier run unless --resume."""
+    if args.out:
+        out = Path(args.out)
+        earlier = [f for f in RUN_FILES if (out / f).exists()]
+        if args.resume:
+            if not (out / "checkpoint.pt").exists():
+                raise UsageError(f"--resume: {str(out)!r} holds no checkpoint.pt to continue from")
+        elif earlier:
+            raise UsageError(f"--out {str(out)!r} already holds an earlier run ({', '.join(earlier)}); "
+                             "pass --resume to continue it, or choose another folder")  # fmt: skip
+        return out
+    if args.resume:
+        raise UsageError("--resume needs --out (the folder of the run to continue)")
+    tag = Path(args.data or args.dataset.partition(":")[2] or args.dataset).stem or args.dataset
+    base = Path("runs") / f"{command}-{args.model}-{tag}"
+    out, n = base, 1
+    while out.exists():
+        n += 1
+        out = base.with_name(f"{base.name}-{n}")
+    return out
+
+
+def _load(args: argparse.Namespace):
+    from stp_fast import models
+    from stp_fast.data import DatasetError, load_dataset
+
+    if args.model not in models.names():
+        raise UsageError(f"--model {args.model!r} is unknown; known models: {', '.join(models.names())}")
+    try:
+        ds = load_dataset(args.dataset, args.data, augment=args.augment, train_limit=args.train_limit,
+                          image_size=args.image_size, seed=args.seed or 0)  # fmt: skip
+    except (DatasetError, ValueError) as exc:
+        raise UsageError(str(exc)) from exc
+    net = models.create(args.model, ds.num_classes, ds.in_chans, input_size=ds.input_size)
+    return ds, net
+
+
+def _trainer(args, cfg, ds, net, out: Path, init=None):
+    from stp_fast.train import CheckpointError, STPTrainer, report
+
+    def on_epoch(_record: dict) -> None:
+        report.write_metrics(out / "metrics.jsonl", trainer.history)
+
+    try:
+        trainer = STPTrainer(net, ds.source("train"), ds.source("test"), cfg, out_dir=out, resume=args.resume,
+                             init=init, progress=args.progress, on_epoch=on_epoch)  # fmt: skip
+    except (CheckpointError, ValueError) as exc:
+        raise UsageError(str(exc)) from exc
+    return trainer
+
+
+def _fit(trainer):
+    from stp_fast.train import TrainingDiverged
+
+    try:
+        return trainer.fit()
+    except TrainingDiverged as exc:
+        raise UsageError(f"training diverged: {exc}") from exc
+
+
+def _command_line() -> str:
+    return " ".join(["stp-fast", *sys.argv[1:]])
+
+
+# ---------------------------------------------------------------------------------------------- commands
+def cmd_prune(args: argparse.Namespace) -> int:
+    from stp_fast.train import report
+
+    if not 0.0 < args.flops_target < 1.0:
+        raise UsageError(f"--flops-target must lie in (0, 1) (the kept fraction of MACs), got {args.flops_target}")
+    cfg = _config(args, method=args.method, flops_target=args.flops_target)
+    out = _out_dir(args, "prune")
+    ds, net = _load(args)
+    trainer = _trainer(args, cfg, ds, net, out, init=args.init)
+    result = _fit(trainer)
+    rep = report.build_report(result, model=args.model, dataset=ds.name, method=args.method, extra={
+        "command": _command_line(), "data": ds.meta(), "config": cfg.to_dict(),
+        "normalization": {"mean": list(ds.mean), "std": list(ds.std)},
+        "init": args.init, "stp_fast_version": _version(),
+    })  # fmt: skip
+    report.save_torchscript(result.pruned_model, out / "pruned.pt")
+    from stp_fast.train.checkpoint import write_text_atomic
+
+    write_text_atomic(out / "arch.json", json.dumps(result.pruned["arch"], indent=2, sort_keys=True) + "\n")
+    write_text_atomic(out / "report.md", report.render_markdown(rep))
+    report.plot_pareto(out / "pareto.png", rep)
+    report.write_metrics(out / "metrics.jsonl", result.history, final=_final_metrics(rep))
+    write_text_atomic(out / "report.json", json.dumps(rep, indent=2) + "\n")
+    print(summary_table(rep))
+    print(f"wrote {out}/: pruned.pt arch.json report.json report.md pareto.png metrics.jsonl checkpoint.pt")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from stp_fast.train import report
+    from stp_fast.train.checkpoint import save_atomic, write_text_atomic
+
+    cfg = _config(args, method="dense", subnets_per_step=0)
+    out = _out_dir(args, "train")
+    ds, net = _load(args)
+    trainer = _trainer(args, cfg, ds, net, out)
+    result = _fit(trainer)
+    state = trainer._state(result.wall_s) | {"kind": "dense", "optimizer": None, "scheduler": None, "pool": None}
+    save_atomic(state, out / "dense.pt")
+    rep = {"model": args.model, "dataset": ds.name, "method": "dense", "full": result.full, "wall_s": result.wall_s,
+           "device": result.device, "input_size": list(result.input_size), "command": _command_line(),
+           "config": cfg.to_dict(), "normalization": {"mean": list(ds.mean), "std": list(ds.std)}}  # fmt: skip
+    report.write_metrics(out / "metrics.jsonl", result.history, final={"full": result.full})
+    write_text_atomic(out / "report.json", json.dumps(rep, indent=2) + "\n")
+    print(f"dense {args.model} on {ds.name}: top-1 {100 * result.full['top1']:.2f}%, "
+          f"{result.full['macs'] / 1e6:.2f}M MACs, {result.wall_s:.0f} s; wrote {out}/dense.pt")  # fmt: skip
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from stp_fast import models
+    from stp_fast.data import DatasetError, load_dataset
+    from stp_fast.train import CheckpointError
+    from stp_fast.train import checkpoint as ckpt
+    from stp_fast.train.evaluate import evaluate
+
+    path = Path(args.model)
+    if not path.is_file():
+        raise UsageError(f"--model {str(path)!r} does not exist")
+    try:
+        ds = load_dataset(args.dataset, args.data, image_size=args.image_size)
+    except (DatasetError, ValueError) as exc:
+        raise UsageError(str(exc)) from exc
+    start = time.perf_counter()
+    try:
+        model = torch.jit.load(str(path), map_location="cpu")
+        kind = "torchscript"
+    except Exception:
+        try:
+            data = ckpt.load(path)
+            net = models.create(data["model"], data["num_classes"], data["in_chans"], **data.get("model_kwargs", {}))
+            ckpt.load_weights(net, data, path)
+        except (CheckpointError, ValueError, KeyError, TypeError) as exc:
+            raise UsageError(f"--model {str(path)!r} is neither a TorchScript model nor a usable stp_fast "
+                             f"checkpoint: {exc}") from exc  # fmt: skip
+        model, kind = net, f"checkpoint ({data['model']}, full net)"
+    try:
+        top1 = evaluate(model, ds.source("test"), batch_size=args.batch_size)
+    except RuntimeError as exc:
+        raise UsageError(f"--model {str(path)!r} does not fit {ds.name} images {ds.input_size}: "
+                         f"{str(exc).splitlines()[0]}") from exc  # fmt: skip
+    result = {"model": str(path), "kind": kind, "dataset": ds.name, "test_images": ds.test_size, "top1": top1,
+              "wall_s": time.perf_counter() - start}  # fmt: skip
+    print(json.dumps(result, indent=2) if args.json else
+          f"{path}: top-1 {100 * top1:.2f}% on {ds.name} test ({ds.test_size} images, {kind})")  # fmt: skip
+    return 0
+
+
+def _final_metrics(rep: dict) -> dict:
+    return {k: rep[k] for k in ("full", "pruned", "flops_reduction", "wall_s", "device")}
+
+
+def summary_table(rep: dict) -> str:
+    """The short table ``prune`` ends with: dense vs pruned top-1, MACs, params, wall time."""
+    full, pruned = rep["full"], rep["pruned"]
+    rows = [("", "top-1", "MACs", "params"),
+            ("dense", f"{100 * full['top1']:.2f}%", f"{full['macs'] / 1e6:.2f}M", f"{full['params'] / 1e3:.1f}k"),
+            ("pruned", f"{100 * pruned['top1']:.2f}%", f"{pruned['macs'] / 1e6:.2f}M",
+             f"{pruned['params'] / 1e3:.1f}k")]
+    lines = ["  ".join(f"{c:>10}" for c in r) for r in rows]
+    params_cut = 100 * (1 - pruned["params"] / full["params"])
+    lines.append(f"MACs -{100 * rep['flops_reduction']:.1f}%, params -{params_cut:.1f}%, "
+                 f"no fine-tuning (BN recalibrated); wall time {rep['wall_s']:.0f} s on {rep['device']}")  # fmt: skip
+    return "\n".join(lines)
+
+
+def _version() -> str:
+    from stp_fast._version import __version__
+
+    return __version__
