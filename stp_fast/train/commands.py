@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -128,6 +129,8 @@ def _out_dir(args: argparse.Namespace, command: str) -> Path:
         return out
     if args.resume:
         raise UsageError("--resume needs --out (the folder of the run to continue)")
+    if _world_size() > 1:
+        raise UsageError("under torchrun pass --out (every rank must name the same folder)")
     tag = Path(args.data or args.dataset.partition(":")[2] or args.dataset).stem or args.dataset
     base = Path("runs") / f"{command}-{args.model}-{tag}"
     out, n = base, 1
@@ -175,6 +178,14 @@ def _fit(trainer):
         raise UsageError(f"training diverged: {exc}") from exc
 
 
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _is_rank0() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def _command_line() -> str:
     return " ".join(["stp-fast", *sys.argv[1:]])
 
@@ -190,6 +201,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     ds, net = _load(args)
     trainer = _trainer(args, cfg, ds, net, out, init=args.init)
     result = _fit(trainer)
+    if not _is_rank0():  # DDP: rank 0 writes the outputs
+        return 0
     rep = report.build_report(result, model=args.model, dataset=ds.name, method=args.method, extra={
         "command": _command_line(), "data": ds.meta(), "config": cfg.to_dict(),
         "normalization": {"mean": list(ds.mean), "std": list(ds.std)},
@@ -217,6 +230,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     ds, net = _load(args)
     trainer = _trainer(args, cfg, ds, net, out)
     result = _fit(trainer)
+    if not _is_rank0():
+        return 0
     state = trainer._state(result.wall_s) | {"kind": "dense", "optimizer": None, "scheduler": None, "pool": None}
     save_atomic(state, out / "dense.pt")
     rep = {"model": args.model, "dataset": ds.name, "method": "dense", "full": result.full, "wall_s": result.wall_s,
