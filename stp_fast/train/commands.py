@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 EXIT_BAD_INPUT = 2
+SPARSE_METHODS = ("iee", "rigl", "oneshot")  # stp_fast.train.iee.IEE_METHODS (not imported: keeps --help fast)
 RUN_FILES = ("checkpoint.pt", "report.json", "pruned.pt", "dense.pt", "metrics.jsonl", "arch.json")
 
 
@@ -31,9 +32,17 @@ def add_parsers(sub) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog=f"data sets (--dataset):\n{DATASET_HELP}")  # fmt: skip
     _common(p)
-    p.add_argument("--flops-target", type=float, required=True, metavar="F",
-                   help="kept fraction of the dense model's MACs, in (0, 1); 0.15 = 85%% reduction")  # fmt: skip
-    p.add_argument("--method", choices=["stp", "st"], default="stp", help="stp (default) or plain stimulative training")
+    p.add_argument("--flops-target", type=float, metavar="F",
+                   help="kept fraction of the dense model's MACs, in (0, 1); 0.15 = 85%% reduction (required, "
+                        "except for unstructured --method iee|rigl|oneshot)")  # fmt: skip
+    p.add_argument("--method", choices=["stp", "st", *SPARSE_METHODS], default="stp",
+                   help="stp (default), st (plain stimulative training), iee (exploitation-exploration sparse "
+                        "training), rigl or oneshot (its baselines)")  # fmt: skip
+    p.add_argument("--structure", choices=["unstructured", "channel"],
+                   help="iee|rigl|oneshot: prune weights (ERK, default; --sparsity) or channels (--flops-target)")
+    p.add_argument("--sparsity", type=float, metavar="S", help="iee|rigl|oneshot unstructured: zero fraction of "
+                   "the conv/linear weights, in [0, 1) (default 0.9)")  # fmt: skip
+    p.add_argument("--criterion", help="iee|oneshot importance: magnitude (default), taylor, taylor_weights")
     p.add_argument("--init", metavar="DENSE.pt", help="start from a dense checkpoint (`stp-fast train`)")
     p.add_argument("--subnets", type=int, help="subnets per step besides the full net (default 4)")
     p.add_argument("--pool-size", type=int, help="architecture pool size (default 50)")
@@ -79,23 +88,24 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def _config(args: argparse.Namespace, **fixed):
+def _config(args: argparse.Namespace, cls=None, **fixed):
     from stp_fast.train.config import STPConfig
 
+    cls = cls or STPConfig  # or IEEConfig (a subclass) for --method iee|rigl|oneshot
     # --augment is the data set's policy (a string); STPConfig.augment (on/off) stays as configured
-    kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(STPConfig)
+    kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
           if f.name != "augment" and getattr(args, f.name, None) is not None}  # fmt: skip
     if getattr(args, "subnets", None) is not None:
         kw["subnets_per_step"] = args.subnets
     kw |= fixed
-    types = {f.name: f.type for f in dataclasses.fields(STPConfig)}
+    types = {f.name: f.type for f in dataclasses.fields(cls)}
     for item in args.set:
         key, eq, value = item.partition("=")
         if not eq or key not in types:
             raise UsageError(f"--set {item!r}: expected KEY=VALUE with KEY one of {', '.join(sorted(types))}")
-        kw[key] = _parse_value(key, value, getattr(STPConfig, key))
+        kw[key] = _parse_value(key, value, getattr(cls, key))
     try:
-        return STPConfig(**kw).validate()
+        return cls(**kw).validate()
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
 
@@ -157,13 +167,15 @@ def _load(args: argparse.Namespace):
 
 def _trainer(args, cfg, ds, net, out: Path, init=None):
     from stp_fast.train import CheckpointError, STPTrainer, report
+    from stp_fast.train.iee import IEEConfig, IEETrainer
 
     def on_epoch(_record: dict) -> None:
         report.write_metrics(out / "metrics.jsonl", trainer.history)
 
     try:
-        trainer = STPTrainer(net, ds.source("train"), ds.source("test"), cfg, out_dir=out, resume=args.resume,
-                             init=init, progress=args.progress, on_epoch=on_epoch)  # fmt: skip
+        cls = IEETrainer if isinstance(cfg, IEEConfig) else STPTrainer
+        trainer = cls(net, ds.source("train"), ds.source("test"), cfg, out_dir=out, resume=args.resume, init=init,
+                      progress=args.progress, on_epoch=on_epoch)  # fmt: skip
     except (CheckpointError, ValueError) as exc:
         raise UsageError(str(exc)) from exc
     return trainer
@@ -194,31 +206,65 @@ def _command_line() -> str:
 def cmd_prune(args: argparse.Namespace) -> int:
     from stp_fast.train import report
 
-    if not 0.0 < args.flops_target < 1.0:
+    sparse = args.method in SPARSE_METHODS
+    if args.flops_target is not None and not 0.0 < args.flops_target < 1.0:
         raise UsageError(f"--flops-target must lie in (0, 1) (the kept fraction of MACs), got {args.flops_target}")
-    cfg = _config(args, method=args.method, flops_target=args.flops_target)
+    if sparse:
+        cfg = _sparse_config(args)
+    elif args.flops_target is None:
+        raise UsageError(f"--flops-target F is required for --method {args.method}")
+    elif args.sparsity is not None or args.structure is not None or args.criterion is not None:
+        raise UsageError(f"--sparsity, --structure and --criterion apply to --method {'|'.join(SPARSE_METHODS)}")
+    else:
+        cfg = _config(args, method=args.method, flops_target=args.flops_target)
     out = _out_dir(args, "prune")
     ds, net = _load(args)
     trainer = _trainer(args, cfg, ds, net, out, init=args.init)
     result = _fit(trainer)
     if not _is_rank0():  # DDP: rank 0 writes the outputs
         return 0
-    rep = report.build_report(result, model=args.model, dataset=ds.name, method=args.method, extra={
-        "command": _command_line(), "data": ds.meta(), "config": cfg.to_dict(),
-        "normalization": {"mean": list(ds.mean), "std": list(ds.std)},
-        "init": args.init, "stp_fast_version": _version(),
-    })  # fmt: skip
+    extra = {"command": _command_line(), "data": ds.meta(), "config": cfg.to_dict(),
+             "normalization": {"mean": list(ds.mean), "std": list(ds.std)},
+             "init": args.init, "stp_fast_version": _version()}  # fmt: skip
+    if sparse:
+        from stp_fast.train import iee
+
+        extra |= iee.report_extra(result, cfg)
+    rep = report.build_report(result, model=args.model, dataset=ds.name, method=args.method, extra=extra)
     report.save_torchscript(result.pruned_model, out / "pruned.pt")
     from stp_fast.train.checkpoint import write_text_atomic
 
-    write_text_atomic(out / "arch.json", json.dumps(result.pruned["arch"], indent=2, sort_keys=True) + "\n")
-    write_text_atomic(out / "report.md", report.render_markdown(rep))
-    report.plot_pareto(out / "pareto.png", rep)
+    unstructured = sparse and cfg.structure == "unstructured"  # arch.json: the per-layer densities instead
+    arch = {"sparsity": result.pruned["sparsity"], "densities": result.densities} if unstructured else \
+        result.pruned["arch"]  # fmt: skip
+    write_text_atomic(out / "arch.json", json.dumps(arch, indent=2, sort_keys=True) + "\n")
+    write_text_atomic(out / "report.md", iee.render_markdown(rep) if sparse else report.render_markdown(rep))
+    if not sparse:  # IEE has no architecture pool: no pareto.png
+        report.plot_pareto(out / "pareto.png", rep)
     report.write_metrics(out / "metrics.jsonl", result.history, final=_final_metrics(rep))
     write_text_atomic(out / "report.json", json.dumps(rep, indent=2) + "\n")
     print(summary_table(rep))
-    print(f"wrote {out}/: pruned.pt arch.json report.json report.md pareto.png metrics.jsonl checkpoint.pt")
+    print(f"wrote {out}/: pruned.pt arch.json report.json report.md {'' if sparse else 'pareto.png '}"
+          "metrics.jsonl checkpoint.pt")  # fmt: skip
     return 0
+
+
+def _sparse_config(args: argparse.Namespace):
+    """IEEConfig of ``prune --method iee|rigl|oneshot``: --structure defaults to channel when only
+    --flops-target is given, else unstructured (--sparsity, default 0.9)."""
+    from stp_fast.train.iee import IEEConfig
+
+    structure = args.structure or ("channel" if args.flops_target is not None and args.sparsity is None
+                                   else "unstructured")  # fmt: skip
+    if structure == "channel" and args.flops_target is None:
+        raise UsageError(f"--method {args.method} --structure channel needs --flops-target F (kept MACs fraction)")
+    if structure == "channel" and args.sparsity is not None:
+        raise UsageError("--sparsity is for --structure unstructured; channel pruning takes --flops-target F")
+    if structure == "unstructured" and args.flops_target is not None:
+        raise UsageError("--flops-target is for --structure channel; unstructured pruning takes --sparsity S")
+    if args.sparsity is not None and not 0.0 <= args.sparsity < 1.0:
+        raise UsageError(f"--sparsity must lie in [0, 1) (the zero fraction of the weights), got {args.sparsity}")
+    return _config(args, IEEConfig, method=args.method, structure=structure)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -298,8 +344,9 @@ def summary_table(rep: dict) -> str:
              f"{pruned['params'] / 1e3:.1f}k")]
     lines = ["  ".join(f"{c:>10}" for c in r) for r in rows]
     params_cut = 100 * (1 - pruned["params"] / full["params"])
+    tuned = "fine-tuned" if rep["fine_tuned"] else "no fine-tuning"
     lines.append(f"MACs -{100 * rep['flops_reduction']:.1f}%, params -{params_cut:.1f}%, "
-                 f"no fine-tuning (BN recalibrated); wall time {rep['wall_s']:.0f} s on {rep['device']}")  # fmt: skip
+                 f"{tuned} (BN recalibrated); wall time {rep['wall_s']:.0f} s on {rep['device']}")  # fmt: skip
     return "\n".join(lines)
 
 

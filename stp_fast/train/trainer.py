@@ -85,6 +85,14 @@ class STPTrainer:
         on_epoch: ``callback(record)`` after each epoch (rank 0).
     """
 
+    def __new__(cls, net=None, train_set=None, val_set=None, config: STPConfig | None = None, **kw):
+        """``STPTrainer(..., IEEConfig(...))`` is the ``iee`` method (SPEC 5): an IEETrainer."""
+        from stp_fast.train.iee import IEEConfig, IEETrainer
+
+        if cls is STPTrainer and isinstance(config, IEEConfig):
+            return IEETrainer(net, train_set, val_set, config, **kw)
+        return super().__new__(cls)
+
     def __init__(self, net: nn.Module, train_set, val_set, config: STPConfig | None = None, *,
                  out_dir: str | Path | None = None, resume: bool = False, init: str | Path | None = None,
                  progress: str = "auto", on_epoch: Callable[[dict], None] | None = None) -> None:  # fmt: skip

@@ -1,0 +1,613 @@
+"""IEE -- iterative exploitation-exploration sparse training (arXiv 2502.03658, ``ALGORITHMS.md``
+section 5) for weights (unstructured, ERK) and channels (the supernet's channel groups under a MACs
+budget), with two baselines in the same code path: RigL-style (magnitude prune, gradient grow) and
+one-shot pruning followed by fine-tuning.
+
+The paper's code was never published and its method section could not be retrieved: every choice
+below beyond the abstract is a reconstruction ([I] in ALGORITHMS.md) and a knob of :class:`IEEConfig`.
+
+One training run of ``T`` steps (one cosine learning-rate schedule) goes::
+
+    step 0 (iee, rigl): prune to the target by the criterion (per layer top-k at the ERK counts,
+        or the budgeted global channel ranking)
+    every cycle of C steps until (1 - final_fraction) T:
+        iee:  C - t_exp steps of exploitation (masked updates), then t_exp steps of reactivation
+              (the inactive entries back at their stored values and trained alone, the active part
+              frozen bit for bit), then ONE top-k decision over both sets by the same criterion with
+              at most swap_fraction(t) swaps (annealed); grown entries keep what reactivation taught
+              them, their momentum starts at zero; pruned entries are stored and zeroed
+        rigl: C steps of exploitation, then drop the swap_fraction(t) smallest-|w| active entries and
+              grow as many inactive ones by |dL/dw| on the step's batch (RigL)
+    oneshot: dense training until (1 - final_fraction) T, then one prune by the criterion
+    the rest (final_fraction of the steps): training with a fixed mask.
+
+Exploitation and the fixed phase use :class:`~stp_fast.train.sparsity.MaskedSGD`: inactive entries
+get no gradient, no weight decay and no momentum, and the mask is re-applied after every step
+(ALGORITHMS.md gotcha 9).  At the end the unstructured result is the full model with its zeros;
+the channel result is extracted to a plain model (active channels moved to the front of every
+group, then ``net.extract``), and BN is recalibrated in both cases.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from stp_fast.arch.space import Arch
+from stp_fast.nn.bn import recalibrate_bn
+from stp_fast.train import checkpoint as ckpt
+from stp_fast.train import distributed as dist_utils
+from stp_fast.train import sparsity as sp
+from stp_fast.train.config import STPConfig
+from stp_fast.train.evaluate import evaluate
+from stp_fast.train.progress import Progress, log
+from stp_fast.train.sources import as_source
+from stp_fast.train.sparsity import extract_channels
+from stp_fast.train.trainer import CHECKPOINT, STPResult, TrainingDiverged, _cosine, _identity
+
+__all__ = ["IEEConfig", "IEEResult", "IEETrainer", "extract_channels", "render_markdown", "report_extra"]
+
+IEE_METHODS = ("iee", "rigl", "oneshot")
+STRUCTURES = ("unstructured", "channel")
+REGROW_INITS = ("auto", "restore", "zero")
+ANNEALS = ("cosine", "linear", "constant")
+LAYER_RULES = ("erk", "dense")
+SCORE_NORMS = ("mean", "none")
+
+
+@dataclass
+class IEEConfig(STPConfig):
+    """Configuration of :class:`IEETrainer`: the training knobs of :class:`STPConfig` (epochs, lr,
+    batch_size, momentum, weight_decay, ..., ``flops_target`` for channels; its pool/KD/search fields
+    are unused) plus these, all [I] reconstructions unless noted:
+
+        method: ``"iee"``, ``"rigl"`` (RigL-style baseline) or ``"oneshot"`` (dense, one prune, fine-tune).
+        structure: ``"unstructured"`` (weights, ERK per layer) or ``"channel"`` (the net's channel groups,
+            global ranking under ``flops_target`` x the dense MACs; groups whose channels are not single
+            tensor slices, e.g. whole attention heads, stay full).
+        sparsity: unstructured target, the zero fraction over all conv/linear weights, in [0, 1); 0 = dense.
+        criterion: importance, one of ``sparsity.CRITERIA`` (``register_criterion`` adds more):
+            ``"magnitude"`` (default), ``"taylor"`` (first order, channels on the BN affine parameters),
+            ``"taylor_weights"``.  IEE uses it for both prune and grow; rigl ignores it (magnitude for
+            the first prune and for dropping, |dL/dw| for growing).
+        cycle_steps: steps per cycle (0 = one epoch).
+        explore_steps: t_exp, reactivation steps at the end of each IEE cycle (0 = a tenth of the cycle,
+            at least 1); must be smaller than the cycle.  Also the batches a gradient criterion is
+            estimated on before a prune that follows no reactivation.
+        swap_fraction: cap of the swaps per decision, as a fraction of the active entries of a layer
+            (unstructured) or of all active channels (channel); RigL's drop fraction (default 0.3 as RigL).
+        swap_anneal: ``"cosine"`` (RigL), ``"linear"`` or ``"constant"`` decay of the cap to 0 at the end
+            of exploration.
+        final_fraction: share of the training steps with a fixed mask at the end (oneshot: fine-tuning).
+        regrow_init: value of reactivated (iee) / grown (rigl) entries: ``"restore"`` their stored values
+            (the values they had when pruned; ALGORITHMS.md gotcha 10), ``"zero"`` (RigL's choice; not for
+            channels: a zeroed channel gets no gradient through its BN and ReLU), or ``"auto"`` (default:
+            zero for unstructured rigl, restore otherwise).
+        erk_first_layer, erk_classifier: ``"erk"`` (RigL's default: ERK for every layer) or ``"dense"``
+            (kept at density 1; still counted, so the whole net has ``sparsity``).
+        erk_power: exponent of the ERK raw density (RigL ``erk_power_scale``).
+        channel_score_norm: ``"mean"`` divides each group's channel scores by their mean before the
+            global ranking (layers of different scale compete fairly), or ``"none"``.
+    """
+
+    method: str = "iee"
+    holdout: float = 0.0
+    structure: str = "unstructured"
+    sparsity: float = 0.9
+    criterion: str = "magnitude"
+    cycle_steps: int = 0
+    explore_steps: int = 0
+    swap_fraction: float = 0.3
+    swap_anneal: str = "cosine"
+    final_fraction: float = 0.25
+    regrow_init: str = "auto"
+    erk_first_layer: str = "erk"
+    erk_classifier: str = "erk"
+    erk_power: float = 1.0
+    channel_score_norm: str = "mean"
+
+    def validate(self) -> IEEConfig:
+        """Raise ValueError naming the first bad field; return self."""
+        for name, choices in (("method", IEE_METHODS), ("structure", STRUCTURES), ("criterion", tuple(sp.CRITERIA)),
+                              ("regrow_init", REGROW_INITS), ("swap_anneal", ANNEALS),
+                              ("erk_first_layer", LAYER_RULES), ("erk_classifier", LAYER_RULES),
+                              ("channel_score_norm", SCORE_NORMS)):  # fmt: skip
+            if getattr(self, name) not in choices:
+                raise ValueError(f"IEEConfig.{name} must be one of {', '.join(map(repr, choices))}, "
+                                 f"got {getattr(self, name)!r}")  # fmt: skip
+        STPConfig.validate(dataclasses.replace(self, method="st"))  # the shared training knobs
+        _check("sparsity", self.sparsity, 0.0 <= _num(self.sparsity) < 1.0, "a fraction in [0, 1)")
+        _check("final_fraction", self.final_fraction, 0.0 <= _num(self.final_fraction) < 1.0, "a fraction in [0, 1)")
+        _check("swap_fraction", self.swap_fraction, 0.0 <= _num(self.swap_fraction) <= 1.0, "a fraction in [0, 1]")
+        _check("erk_power", self.erk_power, 0.0 < _num(self.erk_power) < math.inf, "a positive number")
+        for name in ("cycle_steps", "explore_steps"):
+            v = getattr(self, name)
+            _check(name, v, isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an int >= 0")
+        if self.structure == "channel" and self.regrow_init == "zero":
+            raise ValueError("IEEConfig.regrow_init='zero' cannot revive channels (a zeroed channel gets no gradient "
+                             "through its BN and ReLU); use 'restore' or 'auto'")  # fmt: skip
+        if self.method == "iee" and self.cycle_steps and self.explore_steps >= self.cycle_steps:
+            raise ValueError(f"IEEConfig.explore_steps (t_exp={self.explore_steps}) must be smaller than "
+                             f"cycle_steps ({self.cycle_steps}): a cycle needs exploitation steps")  # fmt: skip
+        return self
+
+
+def _num(v) -> float:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else math.nan
+
+
+def _check(name: str, value, ok: bool, what: str) -> None:
+    if not ok:
+        raise ValueError(f"IEEConfig.{name} must be {what}, got {value!r}")
+
+
+@dataclass
+class IEEResult(STPResult):
+    """:class:`STPResult` (``pruned``: top1, macs -- for unstructured the multiply-accumulates with a
+    nonzero weight --, params -- nonzero --, arch) plus the IEE specifics."""
+
+    structure: str = "unstructured"
+    densities: dict = field(default_factory=dict)
+    cycles: list = field(default_factory=list)
+    skipped_groups: dict = field(default_factory=dict)
+    full_top1_of: str = ""
+
+
+class IEETrainer:
+    """Sparse training of ``net`` (an stp_fast supernet) by IEE, RigL or one-shot pruning.
+
+    Args as :class:`~stp_fast.train.STPTrainer` (``config`` an :class:`IEEConfig`), plus
+    ``on_event(name, info)``, called with ``"pruned"`` (the first prune), ``"reactivated"`` (before the
+    first reactivation step of a cycle), ``"explored"`` (after the last one, before the decision) and
+    ``"decided"`` (after a decision; ``info`` is the cycle record).
+    """
+
+    def __init__(self, net: nn.Module, train_set, val_set, config: IEEConfig | None = None, *,
+                 out_dir: str | Path | None = None, resume: bool = False, init: str | Path | None = None,
+                 progress: str = "auto", on_epoch: Callable[[dict], None] | None = None,
+                 on_event: Callable[[str, dict], None] | None = None) -> None:  # fmt: skip
+        if config is not None and not isinstance(config, IEEConfig):
+            raise TypeError(f"IEETrainer: config must be an IEEConfig, got {type(config).__name__}")
+        cfg = self.config = (config or IEEConfig()).validate()
+        if not hasattr(net, "space") or not hasattr(net, "extract"):
+            raise TypeError("IEETrainer: net must be an stp_fast supernet (stp_fast.models.create)")
+        self.net, self.progress, self.on_epoch, self.on_event = net, progress, on_epoch, on_event
+        self.out_dir = Path(out_dir) if out_dir else None
+        self.rank, self.world_size, self.device = dist_utils.setup(cfg.device)
+        self.train, self.val = as_source(train_set), as_source(val_set)
+        if len(self.train) < cfg.batch_size * self.world_size:
+            raise ValueError(f"batch_size={cfg.batch_size}: the training set has only {len(self.train)} images "
+                             f"(x {self.world_size} ranks)")  # fmt: skip
+        x0, _ = next(iter(self.train.loader(1)))
+        self.input_size = tuple(int(s) for s in x0.shape[1:])
+        if init is not None:
+            data = ckpt.load(init)
+            ckpt.check_model(data, init, **{k: v for k, v in _identity(net).items() if k != "model_kwargs"})
+            ckpt.load_weights(net, data, init)
+        self.from_init = init is not None
+        net.to(self.device)
+        self.space, self.full_arch = net.space, net.space.full()
+        self.full_macs = self.space.macs(self.full_arch, self.input_size)
+        self.steps_per_epoch = len(self.train) // (cfg.batch_size * self.world_size)
+        self.total_steps = self.steps_per_epoch * cfg.epochs
+        self.cycle = cfg.cycle_steps or self.steps_per_epoch
+        self.t_exp = cfg.explore_steps or max(1, self.cycle // 10)
+        if cfg.method == "iee" and self.t_exp >= self.cycle:
+            raise ValueError(f"IEEConfig.explore_steps (t_exp={self.t_exp}) must be smaller than the cycle "
+                             f"({self.cycle} steps{'' if cfg.cycle_steps else ' = one epoch'})")  # fmt: skip
+        self.explore_end = int((1.0 - cfg.final_fraction) * self.total_steps)
+        self.prune_step = self.explore_end if cfg.method == "oneshot" else 0
+        self.regrow = cfg.regrow_init if cfg.regrow_init != "auto" else \
+            ("zero" if cfg.method == "rigl" and cfg.structure == "unstructured" else "restore")  # fmt: skip
+        self._build_units()
+        self.params = dict(net.named_parameters())
+        self.state = sp.MaskState(net, self.units)
+        self.criterion = sp.make_criterion("magnitude" if cfg.method == "rigl" else cfg.criterion)
+        self.model = dist_utils.wrap_ddp(net, self.device) if self.world_size > 1 else net
+        self.optimizer = sp.MaskedSGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                   nesterov=cfg.nesterov and cfg.momentum > 0, weight_decay=cfg.weight_decay)
+        warm = cfg.warmup_epochs * self.steps_per_epoch
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: _cosine(s, self.total_steps, warm))
+        self.epoch, self.history, self.cycles, self.wall_before = 0, [], [], 0.0
+        self.pruned, self.dense_top1 = False, None
+        if resume:
+            self._resume()
+
+    def _build_units(self) -> None:
+        cfg = self.config
+        self.skipped: dict[str, str] = {}
+        if cfg.structure == "unstructured":
+            self.units = sp.weight_units(self.net)
+            first, clf = sp.first_and_classifier(self.net)
+            dense = {n for n, rule in ((first, cfg.erk_first_layer), (clf, cfg.erk_classifier)) if rule == "dense"}
+            shapes = {u.name: u.shapes[u.name] for u in self.units}
+            self.targets = sp.erk_counts(shapes, cfg.sparsity, dense, cfg.erk_power)
+            self.layer_macs = sp.layer_macs(self.net.extract(self.full_arch), self.input_size)
+            self.budget = self._sparse_macs(self.targets)
+        else:
+            self.units, self.skipped = sp.channel_units(self.net)
+            self.budget = cfg.flops_target * self.full_macs
+            self.channels = sp.ChannelBudget({u.name: u.size for u in self.units}, self._channel_macs, self.budget)
+
+    def _channel_macs(self, counts: dict[str, int]) -> float:
+        widths = self.full_arch.widths | counts
+        return self.space.macs(Arch.make(self.full_arch.depth, widths), self.input_size)
+
+    def _sparse_macs(self, active: dict[str, int]) -> float:
+        """Dense MACs minus those of the zero weights (each weight's MACs = its layer's / its size)."""
+        cut = sum(self.layer_macs[u.name] * (1 - active[u.name] / u.size) for u in self.units)
+        return self.full_macs - cut
+
+    # ------------------------------------------------------------------ public
+    def fit(self) -> IEEResult:
+        """Train the remaining epochs, then extract (channels), recalibrate BN and evaluate."""
+        start = time.perf_counter() - self.wall_before
+        cfg = self.config
+        if self.epoch == 0 and self.dense_top1 is None and cfg.method != "oneshot":
+            self.dense_top1 = self._dense_top1()
+        for epoch in range(self.epoch, cfg.epochs):
+            record = self._train_epoch(epoch)
+            record["wall_s"] = time.perf_counter() - start
+            self.history.append(record)
+            self.epoch = epoch + 1
+            if self.rank == 0:
+                self._save(record["wall_s"])
+                if self.on_epoch:
+                    self.on_epoch(record)
+        return self._finish(time.perf_counter() - start)
+
+    def stats(self) -> dict:
+        """The current sparsity (unstructured) or kept MACs fraction and channels (channel)."""
+        counts = {k: int(m.sum()) for k, m in self.state.unit_masks.items()}
+        if self.config.structure == "unstructured":
+            total = sum(u.size for u in self.units)
+            return {"sparsity": 1.0 - sum(counts.values()) / total, "active": sum(counts.values())}
+        return {"macs_ratio": self._channel_macs(counts) / self.full_macs, "channels": counts}
+
+    # ------------------------------------------------------------------ one epoch
+    def _train_epoch(self, epoch: int) -> dict:
+        cfg = self.config
+        self.net.train()
+        loader = self.train.loader(cfg.batch_size, shuffle=True, augment=cfg.augment, seed=cfg.seed, epoch=epoch,
+                                   rank=self.rank, world_size=self.world_size, drop_last=True)  # fmt: skip
+        bar = Progress(epoch, cfg.epochs, self.steps_per_epoch, mode=self.progress if self.rank == 0 else "off")
+        loss_sum, steps, decisions = 0.0, 0, len(self.cycles)
+        try:
+            for x, y in loader:
+                if steps >= self.steps_per_epoch:
+                    break
+                loss = self._step(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True),
+                                  epoch * self.steps_per_epoch + steps)  # fmt: skip
+                loss_sum += loss
+                steps += 1
+                bar.update(x.shape[0] * self.world_size, loss=loss, lr=self.scheduler.get_last_lr()[0])
+        finally:
+            bar.close()
+        if self.world_size > 1:
+            dist_utils.sync_buffers(self.net)
+        record = {"epoch": epoch + 1, "steps": steps, "loss": loss_sum / max(steps, 1),
+                  "lr": self.scheduler.get_last_lr()[0], "images_per_s": bar.images_per_s,
+                  "decisions": len(self.cycles) - decisions,
+                  "grown": sum(c.get("grown", 0) for c in self.cycles[decisions:])}  # fmt: skip
+        record |= {k: v for k, v in self.stats().items() if k != "channels"}
+        if cfg.eval_every and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
+            record["val_top1"] = self._masked_top1()
+        shown = [k for k in ("loss", "sparsity", "macs_ratio", "val_top1") if k in record]
+        summary = " ".join(f"{k}={record[k]:.4g}" for k in shown)
+        log(f"epoch {epoch + 1}/{cfg.epochs} ({cfg.method}): {summary}", mode="off" if self.rank else self.progress)
+        return record
+
+    @torch.no_grad()
+    def _masked_top1(self) -> float:
+        """Validation top-1 of the masked net (also when an epoch ends inside a reactivation window)."""
+        live = {n: self.params[n].detach().clone() for n in self.state.param_masks()}
+        self.state.apply()
+        try:
+            return evaluate(self.net, self.val, self.device, batch_size=256)
+        finally:
+            for n, v in live.items():
+                self.params[n].copy_(v)
+
+    def _phase(self, step: int) -> str:
+        if not self.pruned:
+            return "dense"
+        if self.config.method == "iee":
+            end = (step // self.cycle + 1) * self.cycle
+            if end <= self.explore_end and step >= end - self.t_exp and self.state.inactive_count():
+                return "explore"
+        return "exploit"
+
+    def _step(self, x: Tensor, y: Tensor, step: int) -> float:
+        cfg = self.config
+        if step == self.prune_step and not self.pruned:
+            self._first_prune(step)
+        phase = self._phase(step)
+        if phase == "explore" and step % self.cycle == self.cycle - self.t_exp:
+            self.state.reactivate(self.regrow)
+            self.criterion.reset()
+            self._emit("reactivated", {"step": step})
+        loss = self._forward_backward(x, y, step)
+        if phase == "explore" and self.criterion.needs_grad:
+            self.criterion.accumulate(self.units, self.params)
+        masks = self._update_masks(phase)
+        for p, m in masks.items():
+            if p.grad is not None:
+                if isinstance(m, Tensor):
+                    p.grad.mul_(m)
+                else:
+                    p.grad.zero_()
+        if cfg.grad_clip:
+            nn.utils.clip_grad_norm_(self.net.parameters(), cfg.grad_clip)
+        self.optimizer.update_masks = masks
+        self.optimizer.step()
+        self.scheduler.step()
+        if phase == "exploit":
+            self.state.apply()
+        done = step + 1
+        if (self.pruned and cfg.method in ("iee", "rigl") and done % self.cycle == 0 and done <= self.explore_end
+                and self.state.inactive_count()):  # fmt: skip
+            self._decide(step, x, y, phase == "explore")
+        return loss
+
+    def _forward_backward(self, x: Tensor, y: Tensor, step: int) -> float:
+        cfg = self.config
+        amp = cfg.amp and self.device.type == "cuda"
+        with torch.autocast("cuda", dtype=torch.bfloat16) if amp else nullcontext():
+            logits = self.model(x)
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+        value = loss.detach().reshape(1)
+        if self.world_size > 1:
+            value = dist_utils.all_mean(value)
+        value = float(value)
+        if not math.isfinite(value):
+            where = f"{self.out_dir / CHECKPOINT}" if self.out_dir and self.epoch > 0 else None
+            kept = f"the last good checkpoint (epoch {self.epoch}) is kept at {where}" if where else \
+                "no checkpoint had been written yet"  # fmt: skip
+            raise TrainingDiverged(f"the loss became {value} at step {step + 1}; {kept}. Lower the learning rate "
+                                   f"(lr={cfg.lr}) or enable grad_clip.")  # fmt: skip
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        return value
+
+    def _update_masks(self, phase: str) -> dict[Tensor, Tensor | bool]:
+        """Which entries the optimizer may change: all (dense), the active ones (exploit), or only the
+        inactive ones with everything else frozen (explore)."""
+        if phase == "dense":
+            return {}
+        masks = {self.params[n]: m for n, m in self.state.param_masks().items()}
+        if phase == "exploit":
+            return masks
+        return {p: ~masks[p] if p in masks else False for p in self.net.parameters()}
+
+    # ------------------------------------------------------------------ decisions
+    def _scores(self, criterion) -> dict[str, Tensor]:
+        return {u.name: criterion(u, self.params) for u in self.units}
+
+    def _swap_cap(self, step: int) -> float:
+        cfg = self.config
+        t = min(1.0, step / max(self.explore_end, 1))
+        if cfg.swap_anneal == "cosine":
+            return cfg.swap_fraction * 0.5 * (1 + math.cos(math.pi * t))
+        return cfg.swap_fraction * ((1 - t) if cfg.swap_anneal == "linear" else 1.0)
+
+    def _first_prune(self, step: int) -> None:
+        """Prune the dense net to the target by the criterion (oneshot: after measuring the dense top-1)."""
+        if self.config.method == "oneshot":
+            self.dense_top1 = self._dense_top1()
+        if self.criterion.needs_grad:
+            self._estimate()
+        scores = self._scores(self.criterion)
+        if self.config.structure == "unstructured":
+            new = {u.name: sp.topk_mask(scores[u.name], self.targets[u.name]) for u in self.units}
+        else:
+            new = self.channels.greedy(sp.normalize_scores(scores, self.config.channel_score_norm))
+        self.state.set(new)
+        for name, m in self.state.param_masks().items():
+            self.optimizer.reset_momentum(self.params[name], ~m)
+        self.pruned = True
+        record = {"step": step, "event": "prune", **self.stats()}
+        self.cycles.append(record)
+        self._emit("pruned", record)
+
+    def _estimate(self) -> None:
+        """Accumulate a gradient criterion over ``t_exp`` batches without updating (before a first prune)."""
+        cfg = self.config
+        self.criterion.reset()
+        loader = self.train.loader(cfg.batch_size, shuffle=True, augment=cfg.augment, seed=cfg.seed, epoch=10**6 + 1,
+                                   rank=self.rank, world_size=self.world_size, drop_last=True)  # fmt: skip
+        for i, (x, y) in enumerate(loader):
+            if i >= self.t_exp:
+                break
+            self._forward_backward(x.to(self.device), y.to(self.device), -1)
+            self.criterion.accumulate(self.units, self.params)
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _decide(self, step: int, x: Tensor, y: Tensor, explored: bool) -> None:
+        cfg = self.config
+        frac = self._swap_cap(step)
+        old = {k: m.cpu() for k, m in self.state.unit_masks.items()}
+        if cfg.method == "iee":
+            self._emit("explored", {"step": step})
+            scores = self._scores(self.criterion)
+            if cfg.structure == "unstructured":
+                new = {u.name: sp.swap_topk(scores[u.name], self.state.unit_masks[u.name], self.targets[u.name],
+                                         int(frac * self.targets[u.name])) for u in self.units}  # fmt: skip
+            else:
+                cap = int(frac * sum(int(m.sum()) for m in old.values()))
+                new = self.channels.swap_topk(sp.normalize_scores(scores, cfg.channel_score_norm), old, cap)
+            fill = None
+        else:
+            keep = self._scores(sp.make_criterion("magnitude"))
+            self._probe(x, y, restore=cfg.structure == "channel")
+            grow = self._scores(sp.grad_magnitude)
+            self.optimizer.zero_grad(set_to_none=True)
+            if cfg.structure == "unstructured":
+                new = {u.name: sp.swap_rigl(keep[u.name], grow[u.name], self.state.unit_masks[u.name],
+                                         int(frac * self.targets[u.name])) for u in self.units}  # fmt: skip
+            else:
+                n = int(frac * sum(int(m.sum()) for m in old.values()))
+                norm = cfg.channel_score_norm
+                new = self.channels.swap_rigl(sp.normalize_scores(keep, norm), sp.normalize_scores(grow, norm), old, n)
+            fill = self.regrow
+        grown = sum(int((new[k].cpu() & ~old[k]).sum()) for k in old)
+        if cfg.structure == "channel":
+            self._fresh_bn_stats({k: new[k].cpu() & ~old[k] for k in old})
+        grown_entries = self.state.set(new, fill=fill, explored=explored)
+        for name, m in self.state.param_masks().items():
+            self.optimizer.reset_momentum(self.params[name], grown_entries[name] | ~m)
+        record = {"step": step, "event": "decide", "swap_cap": frac, "grown": grown, **self.stats()}
+        self.cycles.append(record)
+        self._emit("decided", record)
+
+    @torch.no_grad()
+    def _fresh_bn_stats(self, grown: dict[str, Tensor]) -> None:
+        """Running mean 0 and variance 1 for grown channels: while masked, their BN saw constant zero
+        inputs and its running variance decayed toward 0 (eval-mode outputs would blow up)."""
+        buffers = dict(self.net.named_buffers())
+        for u in self.units:
+            g = grown[u.name]
+            if g.any():
+                for name, dim in u.slices:
+                    if dim == 0 and name.endswith(("running_mean", "running_var")):
+                        buffers[name][g.to(buffers[name].device)] = 0.0 if name.endswith("mean") else 1.0
+
+    def _probe(self, x: Tensor, y: Tensor, restore: bool) -> None:
+        """Gradients of the step's batch for RigL's growth score.  Zeroed channels have none (their
+        ReLU inputs are 0), so in channel mode the inactive channels are briefly restored."""
+        if restore:
+            self.state.reactivate("restore")
+        try:
+            self._forward_backward(x, y, -1)
+        finally:
+            if restore:
+                self.state.apply()
+
+    def _emit(self, name: str, info: dict) -> None:
+        if self.on_event is not None:
+            self.on_event(name, info)
+
+    # ------------------------------------------------------------------ end of training
+    def _calib(self):
+        cfg = self.config
+        return self.train.loader(min(256, cfg.calib_images), shuffle=True, seed=cfg.seed, epoch=10**6)
+
+    def _dense_top1(self) -> float:
+        dense = self.net.extract(self.full_arch).to(self.device)
+        recalibrate_bn(dense, self._calib(), self.config.calib_images)
+        return evaluate(dense, self.val, self.device)
+
+    def _finish(self, wall_s: float) -> IEEResult:
+        cfg = self.config
+        if not self.pruned:  # oneshot with final_fraction = 0: prune at the very end, no fine-tuning
+            self._first_prune(self.total_steps)
+        counts = {k: int(m.sum()) for k, m in self.state.unit_masks.items()}
+        densities = {}
+        if cfg.structure == "unstructured":
+            self.state.apply()
+            plain, arch = self.net.extract(self.full_arch).to(self.device), self.full_arch
+            densities = {u.name: counts[u.name] / u.size for u in self.units}
+            macs = self._sparse_macs(counts)
+            params = self.space.params(arch) - sum(u.size - counts[u.name] for u in self.units)
+        else:
+            plain, arch = extract_channels(self.net, self.units, self.state.unit_masks)
+            plain = plain.to(self.device)
+            macs, params = self.space.macs(arch, self.input_size), self.space.params(arch)
+        recalibrate_bn(plain, self._calib(), cfg.calib_images)
+        full = {"top1": self.dense_top1, "macs": self.full_macs, "params": self.space.params(self.full_arch)}
+        top1 = evaluate(plain, self.val, self.device)
+        pruned = {"top1": top1, "macs": macs, "params": params, "arch": arch.to_dict()}
+        if cfg.structure == "unstructured":
+            pruned |= {"sparsity": self.stats()["sparsity"], "densities": densities}
+        of = "the dense net at the prune point" if cfg.method == "oneshot" else \
+            ("the --init checkpoint" if self.from_init else "the initial (untrained) net")  # fmt: skip
+        return IEEResult(arch, full, pruned, [], [], self.history, self.budget, self.input_size, str(self.device),
+                         wall_s, pruned_model=plain, structure=cfg.structure, densities=densities,
+                         cycles=self.cycles, skipped_groups=self.skipped, full_top1_of=of)  # fmt: skip
+
+    # ------------------------------------------------------------------ checkpoints
+    def _state(self, wall_s: float) -> dict:
+        return {
+            "format": ckpt.FORMAT, "version": ckpt.VERSION, "kind": self.config.method, **_identity(self.net),
+            "epoch": self.epoch, "config": self.config.to_dict(), "state_dict": self.net.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "iee": {"masks": self.state.state_dict(), "criterion": self.criterion.state_dict(),
+                    "pruned": self.pruned, "cycles": self.cycles, "dense_top1": self.dense_top1},
+            "torch_rng": torch.get_rng_state(), "history": self.history, "wall_s": wall_s,
+        }  # fmt: skip
+
+    def _save(self, wall_s: float) -> None:
+        if self.out_dir is not None:
+            ckpt.save_atomic(self._state(wall_s), self.out_dir / CHECKPOINT)
+
+    def _resume(self) -> None:
+        if self.out_dir is None:
+            raise ValueError("resume=True needs out_dir (where the checkpoint is)")
+        path = self.out_dir / CHECKPOINT
+        data = ckpt.load(path)
+        ckpt.check_model(data, path, **{k: v for k, v in _identity(self.net).items() if k != "model_kwargs"})
+        saved = {k: v for k, v in data["config"].items() if k != "device"}
+        now = {k: v for k, v in self.config.to_dict().items() if k != "device"}
+        diff = sorted(k for k in now if saved.get(k) != now[k])
+        if diff or "iee" not in data:
+            k = diff[0] if diff else "method"
+            raise ckpt.CheckpointError(f"cannot resume {str(path)!r}: its config differs in {diff or ['method']} "
+                                       f"(e.g. {k}={saved.get(k)!r} there, {now[k]!r} now)")  # fmt: skip
+        ckpt.load_weights(self.net, data, path)
+        self.optimizer.load_state_dict(data["optimizer"])
+        self.scheduler.load_state_dict(data["scheduler"])
+        iee = data["iee"]
+        self.state.load_state_dict(iee["masks"])
+        self.criterion.load_state_dict(iee["criterion"])
+        self.pruned, self.cycles, self.dense_top1 = bool(iee["pruned"]), list(iee["cycles"]), iee["dense_top1"]
+        torch.set_rng_state(data["torch_rng"])
+        self.epoch, self.history = int(data["epoch"]), list(data["history"])
+        self.wall_before = float(data["wall_s"])
+        log(f"resumed {path} at epoch {self.epoch}/{self.config.epochs}",
+            mode=self.progress if self.rank == 0 else "off")
+
+
+# ---------------------------------------------------------------------------------------------- reports
+def report_extra(result: IEEResult, config: IEEConfig) -> dict:
+    """Keys ``stp-fast prune`` adds to ``report.json`` for IEE runs."""
+    return {"structure": result.structure, "fine_tuned": config.method == "oneshot",
+            "full_top1_of": result.full_top1_of, "cycles": result.cycles, "skipped_groups": result.skipped_groups,
+            "macs_convention": "multiply-accumulates per image, Torch-Pruning counting rules"
+                               + ("; unstructured: those with a nonzero weight" if result.structure == "unstructured"
+                                  else "")}  # fmt: skip
+
+
+def render_markdown(rep: dict) -> str:
+    """``report.md`` of an IEE/RigL/one-shot run: summary, protocol, and per-layer densities or the arch."""
+    full, pruned = rep["full"], rep["pruned"]
+    unstructured = rep["structure"] == "unstructured"
+    target = f"sparsity {100 * rep['config']['sparsity']:.1f}% (ERK)" if unstructured else \
+        f"MACs target {100 * rep['flops_target']:.1f}% of dense"  # fmt: skip
+    lines = [
+        f"# stp_fast prune: {rep['model']} on {rep['dataset']} ({rep['method']}, {rep['structure']})", "",
+        "| model | top-1 | MACs | params |", "|---|---:|---:|---:|",
+        f"| dense ({rep['full_top1_of']}) | {100 * full['top1']:.2f}% | {full['macs'] / 1e6:.3f}M | {full['params']} |",
+        f"| pruned | {100 * pruned['top1']:.2f}% | {pruned['macs'] / 1e6:.3f}M "
+        f"({100 * pruned['macs'] / full['macs']:.1f}%) | {pruned['params']} |", "",
+        f"{target}; MACs reduction {100 * rep['flops_reduction']:.1f}%; "
+        f"{'fine-tuned' if rep['fine_tuned'] else 'no fine-tuning'}, BN recalibrated; "
+        f"{len([c for c in rep['cycles'] if c['event'] == 'decide'])} prune-and-grow decisions; "
+        f"{rep['wall_s']:.0f} s on {rep['device']}.", "",
+    ]  # fmt: skip
+    if unstructured:
+        lines += [f"Achieved sparsity {100 * pruned['sparsity']:.2f}%.", "", "| layer | density |", "|---|---:|"]
+        lines += [f"| {k} | {v:.4f} |" for k, v in pruned["densities"].items()]
+    else:
+        lines += [f"Arch: `{json.dumps(pruned['arch'], sort_keys=True)}`"]
+        if rep["skipped_groups"]:
+            lines += ["", f"Groups kept full: {', '.join(sorted(rep['skipped_groups']))}"]
+    return "\n".join(lines) + "\n"
