@@ -19,6 +19,18 @@ def _seed():
     yield
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a test module (``pytestmark = pytest.mark.usefixtures("one_thread")``).
+    Tiny convolutions and training runs: on a busy 2-core machine OpenMP threads spin-wait far longer
+    than they compute (a model test file measured ~14x slower with 2 threads); one thread is also the
+    fastest when idle.  The thread count is restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def pytest_collection_modifyitems(config, items):
     skip_cuda = pytest.mark.skip(reason="needs a CUDA GPU (marked cuda)")
     if not torch.cuda.is_available():

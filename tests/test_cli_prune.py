@@ -18,12 +18,7 @@ SCHEMA = {"model": str, "dataset": str, "method": str, "full": dict, "pruned": d
           "fine_tuned": bool, "bn_recalibrated": bool, "wall_s": float, "device": str}  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small nets: threads only add overhead
 
 
 @pytest.fixture(scope="module")

@@ -102,3 +102,46 @@ def load_weights(net: torch.nn.Module, data: dict, path: str | os.PathLike) -> N
                  for name, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys]
         raise CheckpointError(f"checkpoint {str(path)!r} does not fit the model ({'; '.join(parts)})")  # fmt: skip
     net.load_state_dict(state)
+
+
+def identity(net: torch.nn.Module) -> dict:
+    """What a checkpoint records of the model it holds (checked when it is loaded)."""
+    return {"model": getattr(net, "model_name", type(net).__name__), "model_kwargs": getattr(net, "model_kwargs", {}),
+            "num_classes": getattr(net, "num_classes", None), "in_chans": getattr(net, "in_chans", None)}  # fmt: skip
+
+
+def check_identity(data: dict, path: str | os.PathLike, net: torch.nn.Module) -> None:
+    """CheckpointError unless ``data`` was written for ``net``'s model, classes and channels."""
+    check_model(data, path, **{k: v for k, v in identity(net).items() if k != "model_kwargs"})
+
+
+def run_state(net: torch.nn.Module, config, *, epoch: int, optimizer, scheduler, history: list, wall_s: float,
+              **extra) -> dict:  # fmt: skip
+    """The checkpoint of a training run after ``epoch`` finished epochs (plus trainer-specific ``extra``)."""
+    return {"format": FORMAT, "version": VERSION, "kind": config.method, **identity(net), "epoch": epoch,
+            "config": config.to_dict(), "state_dict": net.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(), "history": history,
+            "wall_s": wall_s, **extra}  # fmt: skip
+
+
+def restore_run(path: Path, net: torch.nn.Module, config, optimizer, scheduler, *, require: str | None = None) -> dict:
+    """Load the run checkpoint at ``path`` into ``net``/``optimizer``/``scheduler`` and the torch RNG,
+    after checking it is of this model and of the same config (``device`` may differ) and, with
+    ``require``, that it holds that trainer's state.  Returns the checkpoint dict."""
+    data = load(path)
+    check_identity(data, path, net)
+    saved = {k: v for k, v in data["config"].items() if k != "device"}
+    now = {k: v for k, v in config.to_dict().items() if k != "device"}
+    diff = sorted(k for k in now if saved.get(k) != now[k])
+    if diff:
+        k = diff[0]
+        raise CheckpointError(f"cannot resume {str(path)!r}: its config differs in {diff} "
+                              f"(e.g. {k}={saved.get(k)!r} there, {now[k]!r} now)")  # fmt: skip
+    if require is not None and data.get(require) is None:
+        raise CheckpointError(f"cannot resume {str(path)!r}: it holds no {require!r} state "
+                              f"(it was written by method {data.get('kind')!r})")  # fmt: skip
+    load_weights(net, data, path)
+    optimizer.load_state_dict(data["optimizer"])
+    scheduler.load_state_dict(data["scheduler"])
+    torch.set_rng_state(data["torch_rng"])
+    return data

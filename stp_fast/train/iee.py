@@ -53,7 +53,7 @@ from stp_fast.train.evaluate import evaluate
 from stp_fast.train.progress import Progress, log
 from stp_fast.train.sources import as_source
 from stp_fast.train.sparsity import extract_channels
-from stp_fast.train.trainer import CHECKPOINT, STPResult, TrainingDiverged, _cosine, _identity
+from stp_fast.train.trainer import CHECKPOINT, STPResult, TrainingDiverged, _cosine
 
 __all__ = ["IEEConfig", "IEEResult", "IEETrainer", "extract_channels", "render_markdown", "report_extra"]
 
@@ -192,7 +192,7 @@ class IEETrainer:
         self.input_size = tuple(int(s) for s in x0.shape[1:])
         if init is not None:
             data = ckpt.load(init)
-            ckpt.check_model(data, init, **{k: v for k, v in _identity(net).items() if k != "model_kwargs"})
+            ckpt.check_identity(data, init, net)
             ckpt.load_weights(net, data, init)
         self.from_init = init is not None
         net.to(self.device)
@@ -536,14 +536,10 @@ class IEETrainer:
 
     # ------------------------------------------------------------------ checkpoints
     def _state(self, wall_s: float) -> dict:
-        return {
-            "format": ckpt.FORMAT, "version": ckpt.VERSION, "kind": self.config.method, **_identity(self.net),
-            "epoch": self.epoch, "config": self.config.to_dict(), "state_dict": self.net.state_dict(),
-            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-            "iee": {"masks": self.state.state_dict(), "criterion": self.criterion.state_dict(),
-                    "pruned": self.pruned, "cycles": self.cycles, "dense_top1": self.dense_top1},
-            "torch_rng": torch.get_rng_state(), "history": self.history, "wall_s": wall_s,
-        }  # fmt: skip
+        iee = {"masks": self.state.state_dict(), "criterion": self.criterion.state_dict(), "pruned": self.pruned,
+               "cycles": self.cycles, "dense_top1": self.dense_top1}  # fmt: skip
+        return ckpt.run_state(self.net, self.config, epoch=self.epoch, optimizer=self.optimizer,
+                              scheduler=self.scheduler, history=self.history, wall_s=wall_s, iee=iee)  # fmt: skip
 
     def _save(self, wall_s: float) -> None:
         if self.out_dir is not None:
@@ -553,23 +549,11 @@ class IEETrainer:
         if self.out_dir is None:
             raise ValueError("resume=True needs out_dir (where the checkpoint is)")
         path = self.out_dir / CHECKPOINT
-        data = ckpt.load(path)
-        ckpt.check_model(data, path, **{k: v for k, v in _identity(self.net).items() if k != "model_kwargs"})
-        saved = {k: v for k, v in data["config"].items() if k != "device"}
-        now = {k: v for k, v in self.config.to_dict().items() if k != "device"}
-        diff = sorted(k for k in now if saved.get(k) != now[k])
-        if diff or "iee" not in data:
-            k = diff[0] if diff else "method"
-            raise ckpt.CheckpointError(f"cannot resume {str(path)!r}: its config differs in {diff or ['method']} "
-                                       f"(e.g. {k}={saved.get(k)!r} there, {now[k]!r} now)")  # fmt: skip
-        ckpt.load_weights(self.net, data, path)
-        self.optimizer.load_state_dict(data["optimizer"])
-        self.scheduler.load_state_dict(data["scheduler"])
+        data = ckpt.restore_run(path, self.net, self.config, self.optimizer, self.scheduler, require="iee")
         iee = data["iee"]
         self.state.load_state_dict(iee["masks"])
         self.criterion.load_state_dict(iee["criterion"])
         self.pruned, self.cycles, self.dense_top1 = bool(iee["pruned"]), list(iee["cycles"]), iee["dense_top1"]
-        torch.set_rng_state(data["torch_rng"])
         self.epoch, self.history = int(data["epoch"]), list(data["history"])
         self.wall_before = float(data["wall_s"])
         log(f"resumed {path} at epoch {self.epoch}/{self.config.epochs}",

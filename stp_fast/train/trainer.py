@@ -306,14 +306,10 @@ class STPTrainer:
 
     # ------------------------------------------------------------------ checkpoints
     def _state(self, wall_s: float) -> dict:
-        return {
-            "format": ckpt.FORMAT, "version": ckpt.VERSION, "kind": self.config.method,
-            **_identity(self.net), "epoch": self.epoch, "config": self.config.to_dict(),
-            "state_dict": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(), "pool": self.pool.state_dict() if self.pool else None,
-            "rng": _encode_rng(self.rng.getstate()), "torch_rng": torch.get_rng_state(),
-            "history": self.history, "wall_s": wall_s,
-        }  # fmt: skip
+        return ckpt.run_state(self.net, self.config, epoch=self.epoch, optimizer=self.optimizer,
+                              scheduler=self.scheduler, history=self.history, wall_s=wall_s,
+                              pool=self.pool.state_dict() if self.pool else None,
+                              rng=_encode_rng(self.rng.getstate()))  # fmt: skip
 
     def _save(self, wall_s: float) -> None:
         if self.out_dir is not None:
@@ -323,22 +319,11 @@ class STPTrainer:
         if self.out_dir is None:
             raise ValueError("resume=True needs out_dir (where the checkpoint is)")
         path = self.out_dir / CHECKPOINT
-        data = ckpt.load(path)
-        ckpt.check_model(data, path, **{k: v for k, v in _identity(self.net).items() if k != "model_kwargs"})
-        saved = {k: v for k, v in data["config"].items() if k != "device"}
-        now = {k: v for k, v in self.config.to_dict().items() if k != "device"}
-        diff = sorted(k for k in now if saved.get(k) != now[k])
-        if diff:
-            k = diff[0]
-            raise ckpt.CheckpointError(f"cannot resume {str(path)!r}: its config differs in {diff} "
-                                       f"(e.g. {k}={saved.get(k)!r} there, {now[k]!r} now)")  # fmt: skip
-        ckpt.load_weights(self.net, data, path)
-        self.optimizer.load_state_dict(data["optimizer"])
-        self.scheduler.load_state_dict(data["scheduler"])
+        data = ckpt.restore_run(path, self.net, self.config, self.optimizer, self.scheduler,
+                                require="pool" if self.pool is not None else None)  # fmt: skip
         if self.pool is not None:
             self.pool.load_state_dict(data["pool"])
         self.rng.setstate(_decode_rng(data["rng"]))
-        torch.set_rng_state(data["torch_rng"])
         self.epoch, self.history = int(data["epoch"]), list(data["history"])
         self.wall_before = float(data["wall_s"])
         log(f"resumed {path} at epoch {self.epoch}/{self.config.epochs}",
@@ -346,15 +331,10 @@ class STPTrainer:
 
     def _load_init(self, path: str | Path) -> None:
         data = ckpt.load(path)
-        ckpt.check_model(data, path, **{k: v for k, v in _identity(self.net).items() if k != "model_kwargs"})
+        ckpt.check_identity(data, path, self.net)
         ckpt.load_weights(self.net, data, path)
         if hasattr(self.net, "sort_channels"):
             self.net.sort_channels()
-
-
-def _identity(net: nn.Module) -> dict:
-    return {"model": getattr(net, "model_name", type(net).__name__), "model_kwargs": getattr(net, "model_kwargs", {}),
-            "num_classes": getattr(net, "num_classes", None), "in_chans": getattr(net, "in_chans", None)}  # fmt: skip
 
 
 def _holdout_count(holdout: float, n: int) -> int:

@@ -18,17 +18,6 @@ SEED_ARCHS = 30  # archs checked by the extract-vs-subnet test (full, smallest a
 MODES = ["train", "eval"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny convolutions: on a busy 2-core machine intra-op threads spin-wait far longer than they compute
-    (one file measured ~14x slower with 2 OpenMP threads); one thread is also the fastest when idle.
-    Module-scoped and autouse where a test file imports it; the thread count is restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def randomise_bn(net: nn.Module, x, *, momentum: float | None = None, conv_bias: float | None = None) -> nn.Module:
     """Non-trivial BN affine parameters and running statistics from two train-mode passes; returns the net
     in eval mode.  ``x`` is the batch for both passes, or a shape to draw a fresh batch per pass (after the

@@ -1,4 +1,6 @@
 """MobileNetV3-Large supernet: subnet == extracted plain model, batched pass == per-arch passes,
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny convolutions: one intra-op thread
 analytic MACs == counted MACs (and Torch-Pruning's count), export and state-dict round trips.
 A reduced model (width_mult=0.5) on 64x64 inputs keeps the file fast."""
 
@@ -18,7 +20,6 @@ from _supernet_checks import (
     check_only_full_arch_updates_running_stats,
     check_onnx_export,
     check_sort_channels_keeps_the_function,
-    one_thread,  # noqa: F401  (autouse: one intra-op thread for this module)
     randomise_bn,
 )
 

@@ -20,13 +20,14 @@ from _supernet_checks import (
     check_onnx_export,
     check_reference_state_dict_loads,
     check_sort_channels_keeps_the_function,
-    one_thread,  # noqa: F401  (autouse: one intra-op thread for this module)
     randomise_bn,
 )
 from torch import nn
 
 import stp_fast
 from stp_fast.models.resnet_imagenet import resnet50
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny convolutions: one intra-op thread
 
 SIZE = (3, 64, 64)
 

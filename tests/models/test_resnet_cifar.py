@@ -17,12 +17,13 @@ from _supernet_checks import (
     check_only_full_arch_updates_running_stats,
     check_onnx_export,
     check_sort_channels_keeps_the_function,
-    one_thread,  # noqa: F401  (autouse: one intra-op thread for this module)
     randomise_bn,
 )
 
 import stp_fast
 from stp_fast import models
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny convolutions: one intra-op thread
 
 SIZE = (3, 32, 32)
 

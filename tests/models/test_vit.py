@@ -22,11 +22,12 @@ from _supernet_checks import (
     check_macs_agree_with_torch_pruning,
     check_onnx_export,
     check_sort_channels_keeps_the_function,
-    one_thread,  # noqa: F401  (autouse: one intra-op thread for this module)
 )
 
 import stp_fast
 from stp_fast.models.vit import vit_tiny
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny convolutions: one intra-op thread
 
 SMALL = {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 4, "num_heads": 4}
 X_SHAPE = (3, 32, 32)

@@ -21,13 +21,14 @@ from _supernet_checks import (
     check_onnx_export,
     check_reference_state_dict_loads,
     check_sort_channels_keeps_the_function,
-    one_thread,  # noqa: F401  (autouse: one intra-op thread for this module)
     randomise_bn,
 )
 from torch import nn
 
 import stp_fast
 from stp_fast.models.wrn import wrn28_10
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny convolutions: one intra-op thread
 
 SIZE = (3, 32, 32)
 SMALL = {"depth": 16, "widen_factor": 2}

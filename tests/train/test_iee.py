@@ -18,12 +18,7 @@ TINY = dict(epochs=2, batch_size=25, calib_images=50, lr=0.05, cycle_steps=4, ex
             final_fraction=0.2, flops_target=0.3)  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small nets: threads only add overhead
 
 
 def _net(**kw):

@@ -14,12 +14,7 @@ TINY = dict(epochs=2, batch_size=25, pool_size=6, final_candidates=2, calib_imag
             flops_target=0.2, lr=0.05)  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small nets: threads only add overhead
 
 
 def _run(out=None, *, resume=False, stop_after=None, init_seed=0, on_epoch=None, **cfg):
