@@ -54,11 +54,18 @@ def train_plain(model, ds, epochs: int, *, lr: float, batch_size: int, seed: int
     model.eval()
 
 
-def stp_run(ds, method: str, budget: float, epochs: int, args) -> dict:
+def stp_run(ds, method: str, budget: float, epochs: int, args, init=None) -> dict:
+    """STP/ST from scratch, or (``init``: a trained dense plain model) from its weights after the
+    one-time channel importance sort, at the lower ``--init-lr``."""
     torch.manual_seed(args.seed)
     net = models.create("resnet20", ds.num_classes, ds.in_chans, input_size=ds.input_size)
-    cfg = STPConfig(method=method, epochs=epochs, batch_size=args.batch_size, lr=args.lr, flops_target=budget,
-                    seed=args.seed, eval_every=0)  # fmt: skip
+    if init is not None:
+        net.load_state_dict(init.state_dict())
+        net.sort_channels()
+    overrides = {k: type(getattr(STPConfig, k))(v) if not isinstance(getattr(STPConfig, k), bool) else v == "1"
+                 for k, v in (item.split("=", 1) for item in args.set)}  # fmt: skip
+    cfg = STPConfig(method=method, epochs=epochs, batch_size=args.batch_size, flops_target=budget, seed=args.seed,
+                    lr=args.lr if init is None else args.init_lr, eval_every=0, **overrides)  # fmt: skip
     res = STPTrainer(net, ds.source("train"), ds.source("test"), cfg, progress="log").fit()
     return {"top1": res.pruned["top1"], "macs_ratio": res.pruned["macs"] / res.full["macs"],
             "arch": res.pruned["arch"], "wall_s": res.wall_s, "dense_top1_of_supernet": res.full["top1"]}  # fmt: skip
@@ -119,7 +126,12 @@ def main() -> int:
     p.add_argument("--epochs", type=int, default=8, help="dense epochs before Torch-Pruning's fine-tuning")
     p.add_argument("--ft-epochs", type=int, default=4, help="fine-tuning epochs; every method gets epochs+ft-epochs")
     p.add_argument("--budgets", type=float, nargs="+", default=[0.15, 0.05])
-    p.add_argument("--methods", nargs="+", default=["dense", "stp", "st", "torch-pruning", "scratch"])
+    p.add_argument("--methods", nargs="+", default=["dense", "stp", "st", "stp-init", "st-init", "torch-pruning",
+                                                    "scratch"],
+                   help="stp/st: from scratch for epochs+ft-epochs; stp-init/st-init: from the dense model of "
+                        "--epochs epochs, then --ft-epochs of STP/ST (the same split as Torch-Pruning's)")  # fmt: skip
+    p.add_argument("--init-lr", type=float, default=0.02, help="peak lr of stp-init/st-init")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="STPConfig override for stp/st")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--ft-lr", type=float, default=0.01)
@@ -143,12 +155,12 @@ def main() -> int:
             os.replace(tmp, args.json)
 
     dense_model = None
-    if "dense" in args.methods or "torch-pruning" in args.methods:
+    if "dense" in args.methods:
         full_model, wall = dense_run(ds, total, args)
         record({"method": "dense", "budget": 1.0, "epochs": total, "top1": evaluate(full_model, ds.source("test")),
                 "macs_ratio": 1.0, "wall_s": wall})  # fmt: skip
-        if "torch-pruning" in args.methods:
-            dense_model, wall8 = dense_run(ds, args.epochs, args)
+    if {"torch-pruning", "stp-init", "st-init"} & set(args.methods):
+        dense_model, _ = dense_run(ds, args.epochs, args)
     for budget in args.budgets:
         chosen = None
         for method in ("stp", "st"):
@@ -156,7 +168,12 @@ def main() -> int:
                 row = stp_run(ds, method, budget, total, args)
                 record({"method": method, "budget": budget, "epochs": total, **row})
                 chosen = chosen or row["arch"]
-        if dense_model is not None:
+        for method in ("stp-init", "st-init"):
+            if method in args.methods:
+                row = stp_run(ds, method[:-5], budget, args.ft_epochs, args, init=dense_model)
+                record({"method": method, "budget": budget, "epochs": f"{args.epochs}+{args.ft_epochs}", **row})
+                chosen = chosen or row["arch"]
+        if dense_model is not None and "torch-pruning" in args.methods:
             record({"method": "torch-pruning", "budget": budget, "epochs": f"{args.epochs}+{args.ft_epochs}",
                     **torch_pruning_run(dense_model, ds, budget, args)})  # fmt: skip
         if "scratch" in args.methods and chosen is not None:
