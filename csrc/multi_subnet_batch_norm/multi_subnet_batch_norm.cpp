@@ -7,6 +7,9 @@
 //             is mutated; save_mean / save_invstd are the returned means / invstds.  eval: the
 //             sliced running stats (means = running_mean, invstds = 1/sqrt(running_var + eps)).
 //             ReLU in place on the output.  means / invstds are float32 [c_s] (float64 for float64 inputs).
+//             Training on float32 channels-last inputs: bn_rows_cpu.cpp's chunked kernels instead
+//             (ReLU fused; ATen's channels-last kernels are 3-4x slower for the small, odd channel
+//             counts of pruned subnets), and in the backward too.
 //   backward: the ReLU mask is recomputed from x as y = x * alpha + beta > 0 (alpha = invstd * w,
 //             beta = b - mean * alpha, ATen's own forward formula; no sign mismatch with the
 //             forward's output in 1M-element checks for fp32/bf16/fp64, NCHW and channels-last,
@@ -32,6 +35,7 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "multi_subnet_batch_norm/bn_rows_cpu.h"
 
 namespace stp_fast {
 
@@ -178,11 +182,15 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Ten
     const at::Tensor w = subnet_weight(weight, sub, x, pd);
     const at::Tensor b = slice_param(bias, sub, pd);
     at::Tensor y, mean, invstd;
+    bool relu_done = false;
     if (training) {
       if (x.numel() == 0) {
         y = at::empty_like(x);
         mean = at::zeros({sub.c}, x.options().dtype(at::kFloat));
         invstd = at::full({sub.c}, 1.0 / std::sqrt(eps), x.options().dtype(at::kFloat));
+      } else if (bn_rows_applicable(x)) {  // float32 channels-last: the chunked kernels, ReLU fused
+        std::tie(y, mean, invstd) = bn_rows_forward(x, w, b, eps, relu);
+        relu_done = true;
       } else {
         std::tie(y, mean, invstd) = at::native_batch_norm(x, w, b, at::Tensor(), at::Tensor(), true, 0.0, eps);
       }
@@ -193,7 +201,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Ten
       y = x.numel() == 0 ? at::empty_like(x)
                          : std::get<0>(at::native_batch_norm(x, w, b, mean, var, false, 0.0, eps));
     }
-    if (relu) y.relu_();
+    if (relu && !relu_done) y.relu_();
     ys[i] = y;
     means[i] = float_copy(mean, x);
     invstds[i] = float_copy(invstd, x);
@@ -257,15 +265,22 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> multi_subnet_batch_n
       // y recomputed from x with the forward's formula y = x * alpha + beta (in float32 for 16-bit
       // inputs), rounded to x's dtype like the forward's output, then ReLU's own backward
       // (grad where y > 0).  addcmul + threshold_backward: ~10x faster than at::where here.
-      const at::Tensor alpha = w.defined() ? invstd * w : invstd;
       const at::Tensor b = slice_param(bias, sub, pd);
-      const at::Tensor beta = b.defined() ? b - mean * alpha : -mean * alpha;
-      const at::Tensor y = at::addcmul(channel_view(beta, x), x, channel_view(alpha, x)).to(x.scalar_type());
+      at::Tensor y;
+      if (training && bn_rows_applicable(x)) {  // the forward's own kernel: the same y bit for bit
+        y = bn_rows_output(x, w, b, mean, invstd, /*relu=*/false);
+      } else {
+        const at::Tensor alpha = w.defined() ? invstd * w : invstd;
+        const at::Tensor beta = b.defined() ? b - mean * alpha : -mean * alpha;
+        y = at::addcmul(channel_view(beta, x), x, channel_view(alpha, x)).to(x.scalar_type());
+      }
       g = at::threshold_backward(g, y, 0);
     }
     const std::array<bool, 3> mask{need_x, want_w, want_b};
     at::Tensor gx, gw, gb;
-    if (training) {
+    if (training && bn_rows_applicable(x)) {
+      std::tie(gx, gw, gb) = bn_rows_backward(g, x, w, mean, invstd, mask);
+    } else if (training) {
       std::tie(gx, gw, gb) = at::native_batch_norm_backward(g, x, w, at::Tensor(), at::Tensor(), mean, invstd, true,
                                                             0.0, mask);
     } else {  // eval: the kernel computes invstd = 1/sqrt(running_var + eps) -- hand it 1/invstd^2, eps 0

@@ -127,6 +127,8 @@ class InvertedResidual(nn.Module):
 class MobileNetV3(Supernet):
     """Elastic MobileNetV3; see the module docstring."""
 
+    cpu_channels_last = True
+
     def __init__(self, config: Sequence[tuple], num_classes: int, in_chans: int = 3, *, width_mult: float = 1.0,
                  last_channel: int = 1280, dropout: float = 0.0,
                  width_ratios: Sequence[float] = DEFAULT_WIDTH_RATIOS, divisor: int = 8,
@@ -203,6 +205,7 @@ class MobileNetV3(Supernet):
         if x.shape[1] != self.in_chans:
             raise ValueError(f"forward: x has {x.shape[1]} channels but the network takes {self.in_chans}")
         n = len(archs)
+        x = self._layout(x)
         stem = self.features[0]
         hs = _hswish(elastic.conv_bn(stem[0], stem[1], [x] * n, [stem[0].out_channels] * n, relu=False, stats=owner))
         for k in range(len(self.cfgs)):

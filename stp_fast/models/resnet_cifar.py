@@ -16,7 +16,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from stp_fast.arch.counting import conv_macs, linear_macs, norm_ops
@@ -42,6 +41,8 @@ class BasicBlock(nn.Module):
 
 class ResNetCifar(Supernet):
     """Elastic CIFAR ResNet; see the module docstring."""
+
+    cpu_channels_last = True
 
     def __init__(self, blocks: int, num_classes: int, in_chans: int = 3, widths: Sequence[int] = (16, 32, 64), *,
                  prune_residual: bool = False, width_ratios: Sequence[float] = DEFAULT_WIDTH_RATIOS,
@@ -94,6 +95,7 @@ class ResNetCifar(Supernet):
         if x.shape[1] != self.in_chans:
             raise ValueError(f"forward: x has {x.shape[1]} channels but the network takes {self.in_chans}")
         n = len(archs)
+        x = self._layout(x)
         hs = elastic.conv_bn(self.stem.conv, self.stem.bn, [x] * n, [self._res(a, 0) for a in archs], relu=True,
                              stats=owner)  # fmt: skip
         hs = self._run_blocks(self.stages, hs, archs, owner, self._block_many)
@@ -109,7 +111,7 @@ class ResNetCifar(Supernet):
         h = elastic.conv_bn(block.conv2, block.bn2, h, outs, relu=False, stats=stats)
         if block.downsample is not None:
             xs = elastic.conv_bn(block.downsample[0], block.downsample[1], xs, outs, relu=False, stats=stats)
-        return [F.relu(y + skip) for y, skip in zip(h, xs)]
+        return [torch.add(y, skip).relu_() for y, skip in zip(h, xs)]  # in place: one tensor less per block
 
     # ------------------------------------------------------------------ extraction
     def extract(self, arch: Arch) -> torch.fx.GraphModule:

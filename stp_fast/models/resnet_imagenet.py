@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from stp_fast.arch.counting import conv_macs, linear_macs, norm_ops
 from stp_fast.arch.space import DEFAULT_WIDTH_RATIOS, Arch, Space
-from stp_fast.models.base import Supernet, l1_order
+from stp_fast.models.base import Supernet, l1_order, map_distinct
 from stp_fast.nn import elastic
 from stp_fast.nn.plain import PlainBuilder, slice_bn, slice_conv, slice_linear
 from stp_fast.ops.masked_conv2d import conv_out_size
@@ -58,6 +58,8 @@ class Bottleneck(nn.Module):
 
 class ResNetImageNet(Supernet):
     """Elastic ImageNet ResNet with Bottleneck blocks; see the module docstring."""
+
+    cpu_channels_last = True
 
     def __init__(self, layers: Sequence[int] = (3, 4, 6, 3), num_classes: int = 1000, in_chans: int = 3, *,
                  width_mult: float = 1.0, prune_residual: bool = False,
@@ -133,9 +135,10 @@ class ResNetImageNet(Supernet):
         if x.shape[1] != self.in_chans:
             raise ValueError(f"forward: x has {x.shape[1]} channels but the network takes {self.in_chans}")
         n = len(archs)
+        x = self._layout(x)
         hs = elastic.conv_bn(self.conv1, self.bn1, [x] * n, [self._res(a, 0) for a in archs], relu=True,
                              stats=owner)  # fmt: skip
-        hs = [F.max_pool2d(h, 3, 2, 1) for h in hs]
+        hs = map_distinct(lambda h: F.max_pool2d(h, 3, 2, 1), hs)
         hs = self._run_blocks(self.stages, hs, archs, owner, self._block_many, first=1)
         pooled = [h.mean((2, 3)) for h in hs]
         return elastic.linear(self.fc, pooled, [self.num_classes] * n)
@@ -151,7 +154,7 @@ class ResNetImageNet(Supernet):
         h = elastic.conv_bn(block.conv3, block.bn3, h, outs, relu=False, stats=stats)
         if block.downsample is not None:
             xs = elastic.conv_bn(block.downsample[0], block.downsample[1], xs, outs, relu=False, stats=stats)
-        return [F.relu(y + skip) for y, skip in zip(h, xs)]
+        return [torch.add(y, skip).relu_() for y, skip in zip(h, xs)]  # in place: one tensor less per block
 
     # ------------------------------------------------------------------ extraction
     def extract(self, arch: Arch) -> torch.fx.GraphModule:

@@ -50,6 +50,8 @@ class PreActBlock(nn.Module):
 class WideResNet(Supernet):
     """Elastic CIFAR Wide ResNet; see the module docstring."""
 
+    cpu_channels_last = True
+
     def __init__(self, depth: int = 28, widen_factor: int = 10, num_classes: int = 10, in_chans: int = 3, *,
                  prune_residual: bool = False, width_ratios: Sequence[float] = DEFAULT_WIDTH_RATIOS,
                  divisor: int = 1, input_size: Sequence[int] | None = None) -> None:  # fmt: skip
@@ -124,6 +126,7 @@ class WideResNet(Supernet):
         if x.shape[1] != self.in_chans:
             raise ValueError(f"forward: x has {x.shape[1]} channels but the network takes {self.in_chans}")
         n = len(archs)
+        x = self._layout(x)
         hs = elastic.conv(self.conv1, [x] * n, [self._res(a, 0) for a in archs])
         hs = self._run_blocks(self.stages, hs, archs, owner, self._block_many, first=1)
         hs = elastic.batch_norm(self.bn1, hs, relu=True, stats=owner)

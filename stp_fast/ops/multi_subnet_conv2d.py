@@ -137,6 +137,32 @@ def _check_values(weight, in_indices, out_indices, groups) -> None:
                 raise ValueError(f"{OP}: depthwise subnet {s} needs in_indices[{s}] == out_indices[{s}]")
 
 
+def _run_forward(xs, weight, bias, out_widths, in_indices, out_indices, stride, padding, dilation, groups):
+    """The op's body: checks, then the chosen backend's forward."""
+    args = (xs, weight, bias, out_widths, in_indices, out_indices, stride, padding, dilation, groups)
+    _check_static(*args)
+    _check_values(weight, in_indices, out_indices, groups)
+    return list(_backend.pick(OP, weight.device.type, *args).fns["forward"](*args))
+
+
+def _run_backward(grads, xs, weight, out_widths, in_indices, out_indices, stride, padding, dilation, groups, need_x,
+                  need_weight, need_bias):  # fmt: skip
+    """The backward op's body: (grad_xs, grad_weight, grad_bias), None where not asked for."""
+    conv = (stride, padding, dilation, groups)
+    impl = _backend.pick(OP, weight.device.type, xs, weight, None, out_widths, in_indices, out_indices, *conv)
+    return impl.fns["backward"](grads, xs, weight, out_widths, in_indices, out_indices, *conv, need_x, need_weight,
+                                need_bias)  # fmt: skip
+
+
+def _dense_grads(grads, xs, weight, out_widths, stride, padding, dilation) -> list[Tensor]:
+    """Output gradients in their input's memory format; zeros for outputs that got none."""
+    return [
+        g.contiguous(memory_format=memory_format(x)) if g is not None
+        else x.new_zeros(output_shape(x, weight, n, stride, padding, dilation))
+        for g, x, n in zip(grads, xs, out_widths)
+    ]  # fmt: skip
+
+
 @torch.library.custom_op(
     "stp_fast::multi_subnet_conv2d",
     mutates_args=(),
@@ -144,10 +170,7 @@ def _check_values(weight, in_indices, out_indices, groups) -> None:
     f"Tensor[]? out_indices, {_CONV}) -> Tensor[]",
 )
 def _multi_subnet_conv2d_op(xs, weight, bias, out_widths, in_indices, out_indices, stride, padding, dilation, groups):
-    args = (xs, weight, bias, out_widths, in_indices, out_indices, stride, padding, dilation, groups)
-    _check_static(*args)
-    _check_values(weight, in_indices, out_indices, groups)
-    return list(_backend.pick(OP, weight.device.type, *args).fns["forward"](*args))
+    return _run_forward(xs, weight, bias, out_widths, in_indices, out_indices, stride, padding, dilation, groups)
 
 
 @_multi_subnet_conv2d_op.register_fake
@@ -167,10 +190,8 @@ def _(xs, weight, bias, out_widths, in_indices, out_indices, stride, padding, di
 )
 def _multi_subnet_conv2d_backward_op(grads, xs, weight, out_widths, in_indices, out_indices, stride, padding,
                                      dilation, groups, need_x, need_weight, need_bias):  # fmt: skip
-    conv = (stride, padding, dilation, groups)
-    impl = _backend.pick(OP, weight.device.type, xs, weight, None, out_widths, in_indices, out_indices, *conv)
-    gxs, gw, gb = impl.fns["backward"](grads, xs, weight, out_widths, in_indices, out_indices, *conv, need_x,
-                                       need_weight, need_bias)  # fmt: skip
+    gxs, gw, gb = _run_backward(grads, xs, weight, out_widths, in_indices, out_indices, stride, padding, dilation,
+                                groups, need_x, need_weight, need_bias)  # fmt: skip
     empty = weight.new_empty(0)
     return (list(gxs) if need_x else [], gw if gw is not None else empty, gb if gb is not None else empty.clone())
 
@@ -194,11 +215,7 @@ def _backward(ctx, grads):
     xs, weight, in_indices, out_indices, out_widths = _multi.saved(ctx)
     need_x, need_w, need_b = _multi.needs(ctx)
     stride, padding, dilation, _groups = ctx.conv
-    grads = [
-        g.contiguous(memory_format=memory_format(x)) if g is not None
-        else x.new_zeros(output_shape(x, weight, n, stride, padding, dilation))
-        for g, x, n in zip(grads, xs, out_widths)
-    ]  # fmt: skip
+    grads = _dense_grads(grads, xs, weight, out_widths, stride, padding, dilation)
     gxs, gw, gb = _multi_subnet_conv2d_backward_op(
         grads, xs, weight, out_widths, in_indices, out_indices, *ctx.conv, need_x, need_w, need_b
     )
@@ -207,6 +224,29 @@ def _backward(ctx, grads):
 
 
 _multi_subnet_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class MultiSubnetConv2dFunction(torch.autograd.Function):
+    """The op's eager twin (``_backend.eager_ok``): the same checks, backend and kernels in forward and
+    backward, without the custom-op dispatch.  ``apply(weight, bias, params, *xs)`` with ``params`` =
+    (out_widths, in_indices, out_indices, stride, padding, dilation, groups); returns the S outputs."""
+
+    @staticmethod
+    def forward(ctx, weight, bias, params, *xs):
+        ctx.save_for_backward(weight, *xs)
+        ctx.params = params
+        return tuple(_run_forward(list(xs), weight, bias, *params))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        weight, *xs = ctx.saved_tensors
+        out_widths, in_indices, out_indices, stride, padding, dilation, groups = ctx.params
+        need_w, need_b = ctx.needs_input_grad[:2]
+        need_x = any(ctx.needs_input_grad[3:])
+        grads = _dense_grads(grads, xs, weight, out_widths, stride, padding, dilation)
+        gxs, gw, gb = _run_backward(grads, xs, weight, out_widths, in_indices, out_indices, stride, padding, dilation,
+                                    groups, need_x, need_w, need_b)  # fmt: skip
+        return (gw if need_w else None, gb if need_b else None, None, *(gxs if need_x else [None] * len(xs)))
 
 
 def multi_subnet_conv2d(
@@ -234,7 +274,9 @@ def multi_subnet_conv2d(
         stride, padding, dilation: as in ``F.conv2d``, shared by all subnets.
     Returns:
         S tensors (B_s, out_widths[s], OH, OW), channels-last where the input is.  One autograd node;
-        weight and bias gradients sum over the subnets.
+        weight and bias gradients sum over the subnets.  In plain eager mode on the CPU the node is
+        ``MultiSubnetConv2dFunction`` (the same checks and kernels without the custom-op dispatch),
+        otherwise the custom op ``stp_fast::multi_subnet_conv2d``.
     """
     if not isinstance(xs, (list, tuple)):
         raise TypeError(f"{OP}: xs must be a list of tensors, got {type(xs).__name__}")
@@ -246,12 +288,16 @@ def multi_subnet_conv2d(
     widths = _multi.normalize_widths(out_widths, out_indices, len(xs), weight.shape[0], op=OP)
     if groups > 1 and (in_indices is None) != (out_indices is None):  # depthwise: one list names both sides
         in_indices = out_indices = in_indices if in_indices is not None else out_indices
-    return _multi_subnet_conv2d_op(
-        list(xs), weight, bias, widths,
+    xs = list(xs)
+    params = (
+        widths,
         None if in_indices is None else list(in_indices),
         None if out_indices is None else list(out_indices),
         pair(stride, "stride", op=OP, minimum=1),
         pair(padding, "padding", op=OP, minimum=0),
         pair(dilation, "dilation", op=OP, minimum=1),
         groups,
-    )  # fmt: skip
+    )
+    if _backend.eager_ok(weight.device.type, (*xs, weight, bias)):
+        return list(MultiSubnetConv2dFunction.apply(weight, bias, params, *xs))
+    return _multi_subnet_conv2d_op(xs, weight, bias, *params)

@@ -112,6 +112,29 @@ def test_opcheck():
     )
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("indexed", [False, True], ids=["prefix", "index"])
+def test_eager_function_equals_custom_op(training, indexed):
+    """On the CPU the public function runs the op's eager twin (a torch.autograd.Function calling the same
+    backend, without the custom-op dispatch): outputs and gradients equal the custom op's bit for bit."""
+    skip_unless_backend(OP, "cpu", "cpu")
+    xs, weight, bias, rm, rv, idx = _make((4, 3), indexed, seed=6)
+    results = []
+    for eager in (True, False):
+        w, b = weight.float().requires_grad_(), bias.float().requires_grad_()
+        xs_ = [x.float().contiguous(memory_format=torch.channels_last).requires_grad_() for x in xs]
+        if eager:
+            ys = multi_subnet_batch_norm(xs_, w, b, rm.float(), rv.float(), training=training, relu=True,
+                                         indices=idx)  # fmt: skip
+            assert type(ys[0].grad_fn).__name__.startswith("MultiSubnetBatchNormFunction")
+        else:
+            ys = torch.ops.stp_fast.multi_subnet_batch_norm(xs_, w, b, rm.float(), rv.float(), idx, training, 1e-5,
+                                                            True)[0]  # fmt: skip
+        grads = torch.autograd.grad(sum((y * y).sum() for y in ys[1:]), [w, b, *xs_])  # ys[0] gets no gradient
+        results.append([*ys, *grads])
+    assert all(torch.equal(a, c) for a, c in zip(*results))
+
+
 BAD = [
     (dict(xs=[]), ValueError, r"xs is empty"),
     (dict(xs=[torch.randn(3, C + 1)]), ValueError, r"xs\[0\] has 14 channels but the layer has only 13"),
@@ -145,3 +168,75 @@ def test_gpu_resnet_shapes(backend):
     fn = lambda w_, b_, *xs_: multi_subnet_batch_norm(list(xs_), w_, b_, None, None, relu=True)
     ref = lambda w_, b_, *xs_: _ref(list(xs_), w_, b_, None, None, None, True, True)
     check_against_reference(fn, ref, [w, b, *xs], backend=backend, dtype=torch.float32, device=device)
+
+
+# --- the CPU kernels for float32 channels-last inputs (csrc/multi_subnet_batch_norm/bn_rows_cpu.cpp) ---
+# Shapes: odd channel counts (the chunk length is a multiple of lcm(C, 16)), a last partial chunk,
+# more channels than one chunk's minimum (2048), one element, and data far from zero mean.
+ROWS_CASES = {
+    "odd-C": ([(4, 13, 6, 5), (3, 5, 6, 5), (2, 29, 6, 5)], 1.0, 0.0),
+    "partial-chunk": ([(3, 7, 7, 7), (1, 16, 3, 3)], 1.0, 0.0),
+    "wide": ([(3, 2048, 1, 1), (2, 1000, 2, 1)], 1.0, 0.0),
+    "single": ([(1, 1, 1, 2), (2, 1, 1, 1)], 1.0, 0.0),
+    "offset": ([(8, 13, 4, 4), (5, 3, 4, 4)], 50.0, 1e3),
+}
+
+
+def _rows_inputs(case: str, seed: int = 0):
+    shapes, scale, offset = ROWS_CASES[case]
+    gen = torch.Generator().manual_seed(seed)
+    c = max(s[1] for s in shapes)
+    xs = [(torch.randn(*s, generator=gen, dtype=torch.float64) * scale + offset).contiguous(
+        memory_format=torch.channels_last) for s in shapes]  # fmt: skip
+    return xs, torch.randn(c, generator=gen, dtype=torch.float64), torch.randn(c, generator=gen, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("case", list(ROWS_CASES))
+@pytest.mark.parametrize("relu", [False, True], ids=["bn", "bn-relu"])
+def test_channels_last_float32_kernels(case, relu):
+    """Training-mode outputs and gradients (x, weight, bias) of the channels-last float32 path against the
+    float64 reference by the 2x rule -- through the public function (eager) and the custom op."""
+    skip_unless_backend(OP, "cpu", "cpu")
+    xs, w, b = _rows_inputs(case)
+    fn = lambda w_, b_, *xs_: multi_subnet_batch_norm(list(xs_), w_, b_, None, None, relu=relu)
+    ref = lambda w_, b_, *xs_: _ref(list(xs_), w_, b_, None, None, None, True, relu)
+    check_against_reference(fn, ref, [w, b, *xs], backend="cpu", dtype=torch.float32, device="cpu")
+
+    def via_op(w_, b_, *xs_):
+        return torch.ops.stp_fast.multi_subnet_batch_norm(list(xs_), w_, b_, None, None, None, True, 1e-5, relu)[0]
+
+    check_against_reference(via_op, ref, [w, b, *xs], backend="cpu", dtype=torch.float32, device="cpu")
+
+
+def test_channels_last_relu_mask_recomputed_exactly():
+    """The extension's backward with relu=True recomputes the forward's output bit for bit: its gradients
+    equal those of masking grad_out with the actual outputs (many outputs sit right at 0)."""
+    skip_unless_backend(OP, "cpu", "cpu")
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(16, 13, 9, 9, generator=gen)
+    x = torch.where(torch.rand(x.shape, generator=gen) < 0.3, x.round(decimals=1), x)  # ties around the mean
+    x = x.contiguous(memory_format=torch.channels_last)
+    w, b = torch.rand(13, generator=gen) + 0.5, torch.zeros(13)
+    fwd = torch.ops.stp_fast._multi_subnet_batch_norm_fwd
+    bwd = torch.ops.stp_fast._multi_subnet_batch_norm_bwd
+    (y,), means, invstds = fwd([x], w, b, None, None, None, True, 1e-5, True)
+    g = torch.randn(x.shape, generator=gen).contiguous(memory_format=torch.channels_last)
+    fused = bwd([g], [x], w, b, means, invstds, None, True, True, True, True, True)
+    masked = bwd([torch.ops.aten.threshold_backward(g, y, 0)], [x], w, b, means, invstds, None, True, False, True,
+                 True, True)  # fmt: skip
+    for a, m in zip([*fused[0], fused[1], fused[2]], [*masked[0], masked[1], masked[2]]):
+        assert torch.equal(a, m)
+    assert y.is_contiguous(memory_format=torch.channels_last) and fused[0][0].is_contiguous(
+        memory_format=torch.channels_last)  # fmt: skip
+
+
+def test_channels_last_kernels_are_deterministic():
+    skip_unless_backend(OP, "cpu", "cpu")
+    xs, w, b = _rows_inputs("odd-C")
+    xs, w, b = [x.float() for x in xs], w.float().requires_grad_(), b.float().requires_grad_()
+    runs = []
+    for _ in range(2):
+        ys = multi_subnet_batch_norm(xs, w, b, None, None, relu=True)
+        gw, gb = torch.autograd.grad(sum((y * y).sum() for y in ys), (w, b))
+        runs.append([*ys, gw, gb])
+    assert all(torch.equal(a, c) for a, c in zip(*runs))

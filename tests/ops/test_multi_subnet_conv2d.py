@@ -128,6 +128,26 @@ def test_torch_compile_fullgraph_matches_eager():
     torch.testing.assert_close(torch.compile(f, fullgraph=True, backend="aot_eager")(a, b), f(a, b))
 
 
+@pytest.mark.parametrize("indexed", [False, True], ids=["prefix", "index"])
+def test_eager_function_equals_custom_op(indexed):
+    """On the CPU the public function runs the op's eager twin (a torch.autograd.Function calling the same
+    backend, without the custom-op dispatch): outputs and gradients equal the custom op's bit for bit."""
+    skip_unless_backend(OP, "cpu", "cpu")
+    xs, weight, bias, widths, ins, outs = _make(SUBNETS[4], 3, indexed, "channels_last", seed=4)
+    results = []
+    for eager in (True, False):
+        w, b = weight.float().requires_grad_(), bias.float().requires_grad_()
+        xs_ = [x.float().requires_grad_() for x in xs]
+        if eager:
+            ys = multi_subnet_conv2d(xs_, w, b, widths, in_indices=ins, out_indices=outs, padding=1)
+            assert type(ys[0].grad_fn).__name__.startswith("MultiSubnetConv2dFunction")
+        else:
+            ys = torch.ops.stp_fast.multi_subnet_conv2d(xs_, w, b, widths, ins, outs, [1, 1], [1, 1], [1, 1], 1)
+        grads = torch.autograd.grad(sum((y * y).sum() for y in ys[1:]), [w, b, *xs_])  # ys[0] gets no gradient
+        results.append([*ys, *grads])
+    assert all(torch.equal(a, c) for a, c in zip(*results))
+
+
 WT = torch.randn(C_OUT, C_IN, 3, 3)
 BAD = [
     (dict(xs=[]), ValueError, r"xs is empty"),
