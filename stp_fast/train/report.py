@@ -99,7 +99,7 @@ def plot_pareto(path: Path, report: dict) -> None:
     ax.set_ylabel("test top-1 (%)")
     ax.set_title(f"{report['model']} on {report['dataset']}: {report['method']}, no fine-tuning")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
