@@ -116,22 +116,9 @@ class Datasets:
         augment = train if augment is None else augment
         drop_last = train if drop_last is None else drop_last
         x, y = (self.x_test, self.y_test) if split == "test" else (self.x_train, self.y_train)
-        return ImageLoader(
-            x,
-            y,
-            batch_size=batch_size,
-            mean=self.mean,
-            std=self.std,
-            shuffle=shuffle,
-            pad=self.crop_pad if augment and self.augment.startswith("crop") else 0,
-            flip=bool(augment and self.flip),
-            seed=seed,
-            epoch=epoch,
-            rank=rank,
-            world_size=world_size,
-            drop_last=drop_last,
-            device=device,
-        )
+        return ImageSource(self, x, y, device).loader(batch_size, shuffle=shuffle, augment=augment, seed=seed,
+                                                      epoch=epoch, rank=rank, world_size=world_size,
+                                                      drop_last=drop_last)  # fmt: skip
 
 
     def source(self, split: str, device: torch.device | str | None = None) -> ImageSource:

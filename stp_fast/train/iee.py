@@ -33,7 +33,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -53,7 +52,7 @@ from stp_fast.train.evaluate import evaluate
 from stp_fast.train.progress import Progress, log
 from stp_fast.train.sources import as_source
 from stp_fast.train.sparsity import extract_channels
-from stp_fast.train.trainer import CHECKPOINT, STPResult, TrainingDiverged, _cosine
+from stp_fast.train.trainer import CHECKPOINT, STPResult, TrainingDiverged, _cosine, train_epochs
 
 __all__ = ["IEEConfig", "IEEResult", "IEETrainer", "extract_channels", "render_markdown", "report_extra"]
 
@@ -251,20 +250,9 @@ class IEETrainer:
     # ------------------------------------------------------------------ public
     def fit(self) -> IEEResult:
         """Train the remaining epochs, then extract (channels), recalibrate BN and evaluate."""
-        start = time.perf_counter() - self.wall_before
-        cfg = self.config
-        if self.epoch == 0 and self.dense_top1 is None and cfg.method != "oneshot":
+        if self.epoch == 0 and self.dense_top1 is None and self.config.method != "oneshot":
             self.dense_top1 = self._dense_top1()
-        for epoch in range(self.epoch, cfg.epochs):
-            record = self._train_epoch(epoch)
-            record["wall_s"] = time.perf_counter() - start
-            self.history.append(record)
-            self.epoch = epoch + 1
-            if self.rank == 0:
-                self._save(record["wall_s"])
-                if self.on_epoch:
-                    self.on_epoch(record)
-        return self._finish(time.perf_counter() - start)
+        return self._finish(train_epochs(self))
 
     def stats(self) -> dict:
         """The current sparsity (unstructured) or kept MACs fraction and channels (channel)."""

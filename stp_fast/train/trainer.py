@@ -142,18 +142,7 @@ class STPTrainer:
     # ------------------------------------------------------------------ public
     def fit(self) -> STPResult:
         """Train the remaining epochs, then select, extract, recalibrate and evaluate."""
-        start = time.perf_counter() - self.wall_before
-        cfg = self.config
-        for epoch in range(self.epoch, cfg.epochs):
-            record = self._train_epoch(epoch)
-            record["wall_s"] = time.perf_counter() - start
-            self.history.append(record)
-            self.epoch = epoch + 1
-            if self.rank == 0:
-                self._save(record["wall_s"])
-                if self.on_epoch:
-                    self.on_epoch(record)
-        return self._finish(time.perf_counter() - start)
+        return self._finish(train_epochs(self))
 
     # ------------------------------------------------------------------ one epoch
     def _train_epoch(self, epoch: int) -> dict:
@@ -335,6 +324,23 @@ class STPTrainer:
         ckpt.load_weights(self.net, data, path)
         if hasattr(self.net, "sort_channels"):
             self.net.sort_channels()
+
+
+def train_epochs(trainer) -> float:
+    """Run ``trainer._train_epoch`` for the epochs left, record each epoch's history, checkpoint and
+    call ``on_epoch`` after it (rank 0); return the run's wall time so far (resumed runs included).
+    Shared by STPTrainer and IEETrainer."""
+    start = time.perf_counter() - trainer.wall_before
+    for epoch in range(trainer.epoch, trainer.config.epochs):
+        record = trainer._train_epoch(epoch)
+        record["wall_s"] = time.perf_counter() - start
+        trainer.history.append(record)
+        trainer.epoch = epoch + 1
+        if trainer.rank == 0:
+            trainer._save(record["wall_s"])
+            if trainer.on_epoch:
+                trainer.on_epoch(record)
+    return time.perf_counter() - start
 
 
 def _holdout_count(holdout: float, n: int) -> int:
