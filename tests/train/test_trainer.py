@@ -1,3 +1,4 @@
+import gc
 import os
 import socket
 
@@ -145,6 +146,9 @@ def _ddp_worker(rank, world, port, queue):
     gathered = [torch.zeros_like(flat) for _ in range(world)]
     dist.all_gather(gathered, flat)
     queue.put((rank, bool(torch.equal(gathered[0], gathered[1])), res.chosen.to_json(), res.history[0]["steps"]))
+    del res
+    gc.collect()  # free the DDP reducer (its threads) before the process group goes away
+    dist.barrier()
     dist.destroy_process_group()
 
 
