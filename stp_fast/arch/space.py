@@ -168,9 +168,9 @@ class Space:
         return int(self.params_fn(self.validate(arch)))
 
     # ------------------------------------------------------------------ search moves
-    def _genes(self, arch: Arch) -> list[tuple[str, object]]:
-        genes: list[tuple[str, object]] = [("depth", s) for s in range(len(self.max_depth))]
-        return genes + [("width", g) for g in self.groups if not self._dropped(arch, g)]
+    def _genes(self, arch: Arch, kinds: Sequence[str] = ("depth", "width")) -> list[tuple[str, object]]:
+        genes: list[tuple[str, object]] = [("depth", s) for s in range(len(self.max_depth))] if "depth" in kinds else []
+        return genes + [("width", g) for g in self.groups if "width" in kinds and not self._dropped(arch, g)]
 
     def _dropped(self, arch: Arch, group: str) -> bool:
         where = self.group_block.get(group)
@@ -222,28 +222,29 @@ class Space:
             out = r.choice(grown)
         return out
 
-    def shrink(self, arch: Arch, target_macs: float, rng: RNG = None, input_size: Sequence[int] | None = None) -> Arch:
-        """Reduce ``arch`` (random genes, one step down at a time) until its MACs are at most
+    def shrink(self, arch: Arch, target_macs: float, rng: RNG = None, input_size: Sequence[int] | None = None,
+               kinds: Sequence[str] = ("depth", "width")) -> Arch:  # fmt: skip
+        """Reduce ``arch`` (random genes of ``kinds``, one step down at a time) until its MACs are at most
         ``target_macs`` (or nothing can shrink further).  The result is contained in ``arch``."""
         r = _rng(rng)
         out = self.validate(arch)
         while self.macs(out, input_size) > target_macs:
-            smaller = [a for a in (self._step(out, g, -1) for g in self._genes(out)) if a is not None]
+            smaller = [a for a in (self._step(out, g, -1) for g in self._genes(out, kinds)) if a is not None]
             if not smaller:
                 break
             out = r.choice(smaller)
         return out
 
-    def fit(self, arch: Arch, low: float, high: float, rng: RNG = None,
-            input_size: Sequence[int] | None = None) -> Arch:  # fmt: skip
-        """Move ``arch`` into the MACs band ``[low, high]``: shrink random genes while above ``high``,
-        then grow random genes -- only by steps that stay within ``high`` -- while below ``low``.
+    def fit(self, arch: Arch, low: float, high: float, rng: RNG = None, input_size: Sequence[int] | None = None,
+            kinds: Sequence[str] = ("depth", "width")) -> Arch:  # fmt: skip
+        """Move ``arch`` into the MACs band ``[low, high]``: shrink random genes (of ``kinds``) while above
+        ``high``, then grow random genes -- only by steps that stay within ``high`` -- while below ``low``.
         The result is at most ``high`` unless even the smallest arch exceeds it; it may stay below
         ``low`` when no single step fits (coarse spaces)."""
         r = _rng(rng)
-        out = self.shrink(arch, high, r, input_size)
+        out = self.shrink(arch, high, r, input_size, kinds)
         while self.macs(out, input_size) < low:
-            grown = [a for a in (self._step(out, g, 1) for g in self._genes(out)) if a is not None]
+            grown = [a for a in (self._step(out, g, 1) for g in self._genes(out, kinds)) if a is not None]
             grown = [a for a in grown if self.macs(a, input_size) <= high]
             if not grown:
                 break

@@ -14,6 +14,9 @@ from dataclasses import dataclass
 
 METHODS = ("stp", "st", "dense")
 EXPANSIONS = ("progressive", "assistant", "off")
+KD_REDUCTIONS = ("sum", "mean")
+SCORE_BASELINES = ("none", "trend")
+POOL_INITS = ("fit", "balanced")
 SAMPLINGS = ("multi", "depth")
 SELECT_BY = ("kd", "top1")
 
@@ -32,6 +35,10 @@ class STPConfig:
         subnets_per_step: K, subnet forwards per step besides the full net (an expanded subnet and
             its budget arch count as two).
         kd_temperature, kd_weight: T and lambda of ``lambda * T^2 * KL(softmax(main/T) || softmax(sub/T))``.
+        kd_reduction: ``"sum"`` (each subnet's KL added to the full net's CE) or ``"mean"`` (their mean:
+            the subnets together weigh as much as the full net, the ST/ST++ scale for one subnet).
+        kd_ramp: fraction of training over which the KD weight rises linearly from 0 (0 = off).
+        subnet_ce_weight: weight of the subnets' own label cross-entropy (0 = KD only, the paper's loss).
         norm_kd: ST++ "KD-": layer-normalise teacher and student logits before the KL (not the CE).
         sampling: ``"multi"`` (depth and width) or ``"depth"`` (ST's original: depth only, full widths).
         augment: passed to the data source (``True``: its default policy).
@@ -43,7 +50,8 @@ class STPConfig:
             at the end).
 
     Search
-        flops_target: kept fraction of the full net's MACs, in (0, 1); 0.15 = 85% reduction.
+        flops_target: kept fraction of the full net's MACs, in (0, 1); 0.15 = 85% reduction.  A list
+            (``[0.15, 0.05]``) trains one pool per budget in the same run and selects one arch per budget.
         budget_tolerance: pool archs have MACs in ``[(1 - tol) * B, B]``.
         pool_size: N archs in the pool.
         pool_update_interval: steps between pool updates (0 = once per epoch).
@@ -60,6 +68,15 @@ class STPConfig:
             from ``expansion_start`` x full to the budget over the first ``expansion_anneal`` of
             training, trained before it from the full net), ``"assistant"`` (a bridge superset with
             MACs uniform in [B, full] is the budget arch's teacher), or ``"off"``.
+        score_baseline: ``"none"`` (an arch's score is the EMA of its KD losses) or ``"trend"`` (the EMA of
+            its KD loss minus the pool's running mean KD at the same step: KD falls during training, so raw
+            EMAs favour archs added late; relative scores compare old and new archs fairly).
+        pool_init: ``"fit"`` (random archs shrunk/grown into the band by random genes) or ``"balanced"``
+            (each arch takes a random share of its MACs cut from depth first, the rest from width, so
+            the pool covers depth- and width-heavy reductions evenly).
+        focus_start: fraction of training after which the pools are frozen and every budget subnet is
+            one of each pool's ``focus_top`` best archs (with its expansion): the arch that ships gets
+            trained directly (1 = no focus phase).
         final_candidates: best pool archs re-scored at the end.
         select_by: ``"kd"`` (KL to the full net on held-out images, after BN recalibration) or
             ``"top1"`` (held-out accuracy).
@@ -80,6 +97,9 @@ class STPConfig:
     subnets_per_step: int = 4
     kd_temperature: float = 1.0
     kd_weight: float = 1.0
+    kd_reduction: str = "sum"
+    kd_ramp: float = 0.0
+    subnet_ce_weight: float = 0.0
     norm_kd: bool = False
     sampling: str = "multi"
     augment: bool = True
@@ -89,7 +109,7 @@ class STPConfig:
     grad_clip: float = 0.0
     eval_every: int = 1
 
-    flops_target: float = 0.15
+    flops_target: float | list[float] = 0.15
     budget_tolerance: float = 0.05
     pool_size: int = 50
     pool_update_interval: int = 0
@@ -102,6 +122,10 @@ class STPConfig:
     expansion: str = "progressive"
     expansion_start: float = 0.9
     expansion_anneal: float = 0.5
+    score_baseline: str = "none"
+    pool_init: str = "fit"
+    focus_start: float = 1.0
+    focus_top: int = 3
     final_candidates: int = 5
     select_by: str = "kd"
     holdout: float = 0.1
@@ -113,19 +137,28 @@ class STPConfig:
         _choice("expansion", self.expansion, EXPANSIONS)
         _choice("sampling", self.sampling, SAMPLINGS)
         _choice("select_by", self.select_by, SELECT_BY)
-        for name in ("epochs", "batch_size", "pool_size", "final_candidates", "calib_images"):
+        _choice("kd_reduction", self.kd_reduction, KD_REDUCTIONS)
+        _choice("score_baseline", self.score_baseline, SCORE_BASELINES)
+        _choice("pool_init", self.pool_init, POOL_INITS)
+        for name in ("epochs", "batch_size", "pool_size", "final_candidates", "calib_images", "focus_top"):
             _int(name, getattr(self, name), low=1)
         for name in ("subnets_per_step", "pool_update_interval", "seed", "eval_every"):
             _int(name, getattr(self, name), low=0)
-        _num("flops_target", self.flops_target, 0.0, 1.0, open_low=True, open_high=True)
+        targets = self.flops_target if isinstance(self.flops_target, (list, tuple)) else [self.flops_target]
+        if not targets:
+            raise ValueError("STPConfig.flops_target must be a number or a non-empty list of numbers in (0, 1)")
+        for t in targets:
+            _num("flops_target", t, 0.0, 1.0, open_low=True, open_high=True)
+        if len(set(targets)) != len(targets):
+            raise ValueError(f"STPConfig.flops_target lists a budget twice: {list(targets)}")
         _num("lr", self.lr, 0.0, math.inf, open_low=True)
         for name in ("momentum", "score_ema", "pool_sample_prob", "mutate_prob", "pool_mutate_share",
-                     "expansion_anneal", "label_smoothing"):  # fmt: skip
+                     "expansion_anneal", "label_smoothing", "kd_ramp", "focus_start"):  # fmt: skip
             _num(name, getattr(self, name), 0.0, 1.0)
         _num("pool_replace_fraction", self.pool_replace_fraction, 0.0, 1.0, open_high=True)
         _num("budget_tolerance", self.budget_tolerance, 0.0, 1.0, open_high=True)
         _num("expansion_start", self.expansion_start, 0.0, 1.0, open_low=True)
-        for name in ("weight_decay", "warmup_epochs", "kd_weight", "grad_clip"):
+        for name in ("weight_decay", "warmup_epochs", "kd_weight", "grad_clip", "subnet_ce_weight"):
             _num(name, getattr(self, name), 0.0, math.inf)
         _num("kd_temperature", self.kd_temperature, 0.0, math.inf, open_low=True)
         h = self.holdout
@@ -135,8 +168,16 @@ class STPConfig:
             raise ValueError(f"STPConfig.device must be 'auto', 'cpu' or 'cuda[:i]', got {self.device!r}")
         return self
 
+    def targets(self) -> list[float]:
+        """The budgets as a list (``flops_target`` may be one number or several)."""
+        t = self.flops_target
+        return [float(v) for v in t] if isinstance(t, (list, tuple)) else [float(t)]
+
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        if isinstance(data["flops_target"], tuple):
+            data["flops_target"] = list(data["flops_target"])
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> STPConfig:

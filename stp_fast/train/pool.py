@@ -3,6 +3,13 @@
 Budget archs (MACs in ``[(1 - tol) B, B]``) are scored by an EMA of the KD loss they get when
 trained as subnets (lower = the arch follows the full net better); periodically the worst are
 dropped and replaced by mutations of the best and by random budget archs.
+
+KD losses fall as training goes on, so an EMA of raw losses favours archs that joined late (their
+history holds only the low recent values).  With ``baseline="trend"`` an arch's score is the EMA of
+its KD loss minus the pool's running mean KD at that moment: archs are compared with what their
+contemporaries got, whatever their age.  ``init="balanced"`` draws each new arch's share of the MACs
+cut that comes from depth uniformly, so the pool covers depth-heavy and width-heavy archs evenly
+(random-gene shrinking favours shallow archs, whose depth steps cut the most MACs).
 """
 
 from __future__ import annotations
@@ -36,10 +43,13 @@ class ArchPool:
     """
 
     def __init__(self, space: Space, budget: float, size: int, rng: random.Random, *, input_size: Sequence[int],
-                 tolerance: float = 0.05, sampling: str = "multi", mutate_prob: float = 0.1) -> None:  # fmt: skip
+                 tolerance: float = 0.05, sampling: str = "multi", mutate_prob: float = 0.1, init: str = "fit",
+                 baseline: str = "none") -> None:  # fmt: skip
         self.space, self.budget, self.size, self.rng = space, float(budget), size, rng
         self.input_size, self.tolerance = tuple(input_size), tolerance
         self.sampling, self.mutate_prob = sampling, mutate_prob
+        self.init, self.baseline = init, baseline
+        self.trend: float | None = None  # running mean KD of the pool's observations (baseline="trend")
         smallest = space.macs(space.smallest(), self.input_size)
         if smallest > self.budget:
             full = space.macs(space.full(), self.input_size)
@@ -59,8 +69,17 @@ class ArchPool:
         return self.space.fit(arch, (1 - self.tolerance) * self.budget, self.budget, self.rng, self.input_size)
 
     def random_arch(self) -> Arch:
-        """A random arch moved into the budget band."""
-        return self._fit(self.space.sample(self.rng))
+        """A random arch moved into the budget band (``init="balanced"``: see the module docstring)."""
+        if self.init != "balanced" or self.sampling == "depth":
+            return self._fit(self.space.sample(self.rng))
+        space, r = self.space, self.rng
+        full_macs = self.macs(space.full())
+        depth_share = r.random()
+        deep = space.shrink(space.full(), full_macs * (self.budget / full_macs) ** depth_share, r, self.input_size,
+                            kinds=("depth",))  # fmt: skip
+        arch = Arch.make(deep.depth, space.sample(r).widths)
+        arch = space.fit(arch, (1 - self.tolerance) * self.budget, self.budget, r, self.input_size, kinds=("width",))
+        return arch if self.macs(arch) <= self.budget else self._fit(arch)
 
     def mutation(self, arch: Arch) -> Arch:
         """A mutation of ``arch`` moved back into the budget band."""
@@ -94,10 +113,14 @@ class ArchPool:
         return entry.arch if self.rng.random() < pool_prob else self.mutation(entry.arch)
 
     def observe(self, arch: Arch, kd: float, ema: float) -> None:
-        """Fold one KD-loss observation into ``arch``'s score (no-op for archs outside the pool)."""
+        """Fold one KD-loss observation into ``arch``'s score (archs outside the pool only move the trend)."""
+        value = kd
+        if self.baseline == "trend":
+            self.trend = kd if self.trend is None else ema * self.trend + (1 - ema) * kd
+            value = kd - self.trend
         for e in self.entries:
             if e.arch == arch:
-                e.score = kd if e.seen == 0 else ema * e.score + (1 - ema) * kd
+                e.score = value if e.seen == 0 else ema * e.score + (1 - ema) * value
                 e.seen += 1
                 return
 
@@ -121,8 +144,9 @@ class ArchPool:
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict:
         return {"entries": [{"arch": e.arch.to_json(), "macs": e.macs, "score": e.score, "seen": e.seen}
-                            for e in self.entries]}  # fmt: skip
+                            for e in self.entries], "trend": self.trend}  # fmt: skip
 
     def load_state_dict(self, state: dict) -> None:
         self.entries = [Entry(Arch.from_json(d["arch"]), int(d["macs"]), float(d["score"]), int(d["seen"]))
                         for d in state["entries"]]  # fmt: skip
+        self.trend = state.get("trend")
