@@ -18,4 +18,18 @@ def extract(net, arch):
     return net.extract(arch)
 
 
-__all__ = ["Arch", "__version__", "count_macs", "extract", "ops", "recalibrate_bn"]
+_LAZY = {"convert": "stp_fast.dropin", "ConvertedNet": "stp_fast.dropin", "ConversionError": "stp_fast.dropin",
+         "apply_layout": "stp_fast.dropin", "STPStep": "stp_fast.train.step", "STPConfig": "stp_fast.train.config"}
+
+
+def __getattr__(name: str):
+    """The drop-in API (``convert``, ``STPStep``, ...) is imported on first use: ``import stp_fast`` stays cheap."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'stp_fast' has no attribute {name!r}")
+
+
+__all__ = ["Arch", "ConversionError", "ConvertedNet", "STPConfig", "STPStep", "__version__", "apply_layout",
+           "convert", "count_macs", "extract", "ops", "recalibrate_bn"]

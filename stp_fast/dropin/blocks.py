@@ -145,9 +145,7 @@ def find_blocks(model: nn.Module, args: tuple, kwargs: Mapping | None = None, *,
     """Skippable blocks of ``model`` for the example inputs (see the module docstring)."""
     names = candidates(model, ignore)
     result = BlockAnalysis()
-    if not names:
-        return result
-    try:
+    try:  # exported even without candidates: a data-dependent branch must be caught (raises)
         ep = export_graph(model, args, kwargs)
     except DataDependentError:
         raise

@@ -106,6 +106,7 @@ class STPStep:
         self.steps = 0
         self._plan: list[Planned] | None = None
         self._pending: Tensor | None = None
+        self._count = 0
         self.last: dict = {}
 
     # ------------------------------------------------------------------ schedule
@@ -127,6 +128,8 @@ class STPStep:
     # ------------------------------------------------------------------ plan
     def plan(self) -> list[Arch]:
         """The archs of this step: the full net first, then ``subnets_per_step`` subnets."""
+        if self._pending is not None:
+            raise RuntimeError("STPStep.plan: the previous step's loss() was not followed by update()")
         cfg = self.config
         planned: list[Planned] = []
         k = cfg.subnets_per_step
@@ -188,6 +191,8 @@ class STPStep:
         Returns:
             a scalar: task loss + kd_weight x (sum or mean over the subnets of the distillation) [+ the
             subnets' own task loss with ``subnet_ce_weight``].  Backward it; then call :meth:`update`.
+            Gradient accumulation: call ``loss`` once per micro-batch of one ``plan()`` (the archs of a
+            step are the same for all its micro-batches), then ``update()`` once.
         """
         if self._plan is None:
             raise RuntimeError("STPStep.loss: call plan() first (it decides the archs of the step)")
@@ -208,10 +213,12 @@ class STPStep:
             if cfg.subnet_ce_weight > 0:
                 subs = torch.stack([criterion(z, target).float().reshape(()) for z in outputs[1:]])
                 total = total + cfg.subnet_ce_weight * (subs.mean() if cfg.kd_reduction == "mean" else subs.sum())
-            self._pending = torch.cat([total.detach().reshape(1).float(), task.detach().reshape(1).float(),
-                                       stacked.detach()])  # fmt: skip
+            values = torch.cat([total.detach().reshape(1).float(), task.detach().reshape(1).float(), stacked.detach()])
         else:
-            self._pending = torch.stack([total.detach().float(), task.detach().float()])
+            values = torch.stack([total.detach().float().reshape(()), task.detach().float().reshape(())])
+        # several loss() calls per plan (micro-batches of one optimizer step) are averaged
+        self._pending = values if self._pending is None else self._pending + values
+        self._count += 1
         return total
 
     # ------------------------------------------------------------------ update
@@ -221,7 +228,7 @@ class STPStep:
         schedule.  Returns the step's values ``{"loss", "ce", "kd": [...]}`` (one host sync)."""
         if self._pending is None:
             raise RuntimeError("STPStep.update: call loss() first")
-        stats = self._pending
+        stats = self._pending / self._count
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             stats = stats.clone()
             dist.all_reduce(stats)
@@ -230,14 +237,14 @@ class STPStep:
         kd = values[2:]
         self.last = {"loss": values[0], "ce": values[1], "kd": kd}
         if not all(math.isfinite(v) for v in values):
-            self._pending = None
+            self._pending, self._count = None, 0
             return self.last  # the caller decides (STPTrainer stops with TrainingDiverged)
         cfg = self.config
         if cfg.method == "stp" and not self.focusing:
             for value, p in zip(kd, self._plan):
                 if p.budget is not None:
                     self.pools[p.budget].observe(p.arch, value, cfg.score_ema)
-        self._pending, self._plan = None, None
+        self._pending, self._plan, self._count = None, None, 0
         self.steps += 1
         interval = cfg.pool_update_interval
         if cfg.method == "stp" and interval and self.steps % interval == 0 and not self.focusing:
@@ -272,7 +279,8 @@ class STPStep:
         cfg = self.config
         device = device or next(self.net.parameters()).device
         holdout = holdout if holdout is not None else calib
-        call = forward or (lambda m, x: m(x))
+        pick = getattr(self.net, "outputs", None) or (lambda out: out)  # converted nets: the outputs= selector
+        call = forward or (lambda m, x: pick(m(x)))
         dense = self.net.extract(self.full).to(device)
         recalibrate_bn(dense, calib, cfg.calib_images, forward=call)
         results = []
@@ -314,4 +322,4 @@ class STPStep:
         self.rng.setstate((version, tuple(internal), gauss))
         for pool, s in zip(self.pools, state["pools"]):
             pool.load_state_dict(s)
-        self._plan, self._pending = None, None
+        self._plan, self._pending, self._count = None, None, 0
