@@ -21,8 +21,12 @@ def test_import_is_lean():
 
 
 def test_kernels_only_importable_as_subpackage():
+    """Our Triton kernels are ``stp_fast.kernels`` only; a top-level ``kernels`` (PyPI has an unrelated package
+    of that name, which transformers installs) must never be our folder."""
     code = (
-        "import importlib.util as u; print(u.find_spec('kernels') is None, u.find_spec('stp_fast.kernels') is not None)"
+        "import importlib.util as u, pathlib; s = u.find_spec('kernels'); ours = u.find_spec('stp_fast.kernels'); "
+        "mine = pathlib.Path(ours.origin).parent.resolve(); "
+        "print(s is None or pathlib.Path(s.origin or '.').parent.resolve() != mine, ours is not None)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd="/")
     assert out.stdout.split() == ["True", "True"], out.stderr
