@@ -2,8 +2,11 @@
 
 It has the interface of the built-in supernets -- ``net(x)``, ``net(x, arch=a)``,
 ``net.forward_many(x, archs)`` (also ``net(x, archs=archs)``, so one DDP forward runs them all),
-``net.space``, ``net.extract(a)`` -- and holds the user's model as ``net.model``, whose state-dict
-keys and shapes are the original ones.
+``net.space``, ``net.extract(a)`` -- and holds the user's model as ``net.model``.
+
+The net shares the model's submodules, parameters and buffers (the very same dicts), so
+``net.state_dict()`` *is* ``model.state_dict()``: the original keys and shapes, loadable into the
+user's class, and ``net.layer1`` reaches the model's ``layer1``.
 """
 
 from __future__ import annotations
@@ -162,7 +165,11 @@ class ConvertedNet(Supernet):
     def __init__(self, model: nn.Module, space: Space, groups: list[Group], stages: list[Stage],
                  outputs: Callable, notes: Notes, example: tuple[tuple, dict], cost) -> None:  # fmt: skip
         super().__init__()
-        self.model = model
+        object.__setattr__(self, "model", model)  # not a submodule: the net IS the model's module tree
+        for name in ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set", "_state_dict_hooks",
+                     "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks"):
+            if hasattr(model, name):
+                object.__setattr__(self, name, getattr(model, name))
         self.space = space
         self.groups = groups
         self.stages = stages
@@ -209,6 +216,11 @@ class ConvertedNet(Supernet):
         with context.running(context.Batch(archs, owner)):
             out = self._plain(x, kwargs)
         return unpack(out, len(archs))
+
+    def train(self, mode: bool = True) -> ConvertedNet:
+        super().train(mode)
+        object.__setattr__(self.model, "training", mode)  # the model's own flag (its children share ours)
+        return self
 
     # ------------------------------------------------------------------ depth
     def dropped_blocks(self, arch: Arch) -> list[str]:

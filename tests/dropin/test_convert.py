@@ -60,8 +60,8 @@ def test_full_arch_is_the_original_model_and_keys_are_unchanged(name, converted)
         want = _out(case, original.eval(), x)
         got = net.eval()(x)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
-    state, ref = net.model.state_dict(), original.state_dict()
-    assert list(state) == list(ref)
+    state, ref = net.state_dict(), original.state_dict()
+    assert list(state) == list(ref) == list(net.model.state_dict())  # the net shares the model's tree
     assert all(state[k].shape == ref[k].shape for k in ref)
     fresh = copy.deepcopy(original)
     fresh.load_state_dict(state)  # the converted weights load into the user's class as they are
