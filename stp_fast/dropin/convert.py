@@ -311,10 +311,10 @@ def _run_arch(net: ConvertedNet, arch: Arch, args=None, kwargs=None) -> Tensor:
 def _probe_groups(net: ConvertedNet, reference: Tensor, notes: Notes) -> None:
     """Freeze groups whose smallest width fails to run or changes the output shape."""
     changed = False
-    for g in [g for g in net.groups if g.frozen is None]:
-        widths = {h.name: h.size for h in net.groups if h.frozen is None}
+    for g in [g for g in net.channel_groups if g.frozen is None]:
+        widths = {h.name: h.size for h in net.channel_groups if h.frozen is None}
         widths[g.name] = net.space.choices(g.name)[0]
-        arch = Arch.make([len(st.blocks) for st in net.stages], widths)
+        arch = Arch.make([len(st.blocks) for st in net.depth_stages], widths)
         why = None
         try:
             y = _run_arch(net, arch)
@@ -325,20 +325,20 @@ def _probe_groups(net: ConvertedNet, reference: Tensor, notes: Notes) -> None:
         if why is not None:
             g.frozen = notes.frozen[g.name] = why
             changed = True
-            _apply_plans(net.model, net.groups)
-            net.space = _space(net.groups, net.stages, net.space.width_ratios, net.space.divisor, net.example, None)
+            _apply_plans(net.model, net.channel_groups)
+            net.space = _space(net.channel_groups, net.depth_stages, net.space.width_ratios, net.space.divisor, net.example, None)
     if changed:
-        _apply_plans(net.model, net.groups)
+        _apply_plans(net.model, net.channel_groups)
 
 
 def _probe_depth(net: ConvertedNet, reference: Tensor, notes: Notes) -> None:
     """Drop every stage to its first block once; a stage that cannot is removed (reported)."""
     args, kwargs = net.example
     with torch.no_grad():
-        record_templates(net.model, [b for st in net.stages for b in st.blocks[1:]], lambda: net.model(*args, **kwargs))
+        record_templates(net.model, [b for st in net.depth_stages for b in st.blocks[1:]], lambda: net.model(*args, **kwargs))
     keep = []
-    for s, stage in enumerate(net.stages):
-        depth = [len(st.blocks) for st in net.stages]
+    for s, stage in enumerate(net.depth_stages):
+        depth = [len(st.blocks) for st in net.depth_stages]
         depth[s] = 1
         arch = Arch.make(depth, net.space.full().widths)
         try:
@@ -352,18 +352,18 @@ def _probe_depth(net: ConvertedNet, reference: Tensor, notes: Notes) -> None:
         else:
             for blk in stage.blocks[1:]:
                 notes.rejected_blocks[blk] = f"dropping it fails: {why}"
-    if len(keep) != len(net.stages):
+    if len(keep) != len(net.depth_stages):
         from stp_fast.dropin.supernet import restore_block
 
         modules = dict(net.model.named_modules())
-        for stage in net.stages:
+        for stage in net.depth_stages:
             for blk in stage.blocks[1:]:
                 restore_block(modules[blk])
-        net.stages = keep
+        net.depth_stages = keep
         for s, stage in enumerate(keep):
             for j, blk in enumerate(stage.blocks[1:], start=1):
                 make_skippable(modules[blk], s, j)
-    net.space = _space(net.groups, net.stages, net.space.width_ratios, net.space.divisor, net.example, None)
+    net.space = _space(net.channel_groups, net.depth_stages, net.space.width_ratios, net.space.divisor, net.example, None)
 
 
 # ---------------------------------------------------------------------------------------------- cost + space
@@ -381,7 +381,7 @@ def _finish_space(net: ConvertedNet, width_ratios, divisor: int) -> None:
     def params(arch: Arch) -> int:
         return model_at(tuple(net.space.input_size)).count_params(arch.widths, net.dropped_blocks(arch))
 
-    net.space = _space(net.groups, net.stages, width_ratios, divisor, net.example, (macs, params))
+    net.space = _space(net.channel_groups, net.depth_stages, width_ratios, divisor, net.example, (macs, params))
     net.cost = model_at(tuple(net.space.input_size))
 
 
@@ -402,12 +402,12 @@ def _cost_model(net: ConvertedNet, size: tuple) -> cost.CostModel:
         args = (args[0].new_zeros((1, *size)),)
     args, kwargs = _first_rows((args, kwargs))
     model = net.model
-    droppable = [b for st in net.stages for b in st.blocks[1:]]
+    droppable = [b for st in net.depth_stages for b in st.blocks[1:]]
     modules = dict(model.named_modules())
     leaves = [(n, m) for n, m in modules.items() if not list(m.children())]
     owners = {n: tuple(b for b in droppable if n == b or n.startswith(b + ".")) for n, _ in modules.items()}
-    full_widths = {g.name: g.size for g in net.groups if g.frozen is None}
-    full_depth = [len(st.blocks) for st in net.stages]
+    full_widths = {g.name: g.size for g in net.channel_groups if g.frozen is None}
+    full_depth = [len(st.blocks) for st in net.depth_stages]
 
     def probe(partial: Mapping[str, int]):
         arch = Arch.make(full_depth, full_widths | dict(partial))
@@ -438,7 +438,7 @@ def _cost_model(net: ConvertedNet, size: tuple) -> cost.CostModel:
                 h.remove()
         return calls, params
 
-    shrunk = {g.name: net.space.choices(g.name)[0] for g in net.groups if g.frozen is None}
+    shrunk = {g.name: net.space.choices(g.name)[0] for g in net.channel_groups if g.frozen is None}
     return cost.CostModel(probe, full_widths, shrunk, droppable)
 
 

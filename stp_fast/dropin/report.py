@@ -12,10 +12,10 @@ def summary(net) -> dict:
         "input_size": list(space.input_size),
         "groups": [{"name": g.name, "channels": g.size, "unit": g.unit, "choices": list(space.choices(g.name)),
                     "members": [f"{m.module}:{m.dim}" for m in g.members]}
-                   for g in net.groups if g.frozen is None],
-        "frozen_groups": [{"name": g.name, "channels": g.size, "why": g.frozen} for g in net.groups
+                   for g in net.channel_groups if g.frozen is None],
+        "frozen_groups": [{"name": g.name, "channels": g.size, "why": g.frozen} for g in net.channel_groups
                           if g.frozen is not None],
-        "stages": [{"container": st.container, "blocks": st.blocks} for st in net.stages],
+        "stages": [{"container": st.container, "blocks": st.blocks} for st in net.depth_stages],
         "rejected_blocks": dict(net.notes.rejected_blocks),
         "depth_error": net.notes.depth_error,
         "batched": net.batched,

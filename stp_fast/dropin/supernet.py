@@ -171,8 +171,8 @@ class ConvertedNet(Supernet):
             if hasattr(model, name):
                 object.__setattr__(self, name, getattr(model, name))
         self.space = space
-        self.groups = groups
-        self.stages = stages
+        self.channel_groups = groups
+        self.depth_stages = stages
         self.outputs = outputs
         self.notes = notes
         self.example = example
@@ -225,7 +225,7 @@ class ConvertedNet(Supernet):
     # ------------------------------------------------------------------ depth
     def dropped_blocks(self, arch: Arch) -> list[str]:
         """Names of the blocks ``arch`` drops."""
-        return [blk for s, stage in enumerate(self.stages) for j, blk in enumerate(stage.blocks) if j >= arch.depth[s]]
+        return [blk for s, stage in enumerate(self.depth_stages) for j, blk in enumerate(stage.blocks) if j >= arch.depth[s]]
 
     # ------------------------------------------------------------------ extraction
     def extract(self, arch: Arch) -> nn.Module:

@@ -141,15 +141,15 @@ def test_only_the_full_arch_updates_batchnorm_running_statistics(converted):
 def test_expected_plans_on_known_layouts(converted):
     """The depth and width plans of the torchvision layouts (what a reader of torchvision would expect)."""
     _, _, r18 = converted("tv_resnet18")
-    assert [st.blocks for st in r18.stages] == [[f"layer{i}.0", f"layer{i}.1"] for i in range(1, 5)]
+    assert [st.blocks for st in r18.depth_stages] == [[f"layer{i}.0", f"layer{i}.1"] for i in range(1, 5)]
     assert sorted(r18.space.groups) == sorted(f"layer{i}.{j}.conv1" for i in range(1, 5) for j in range(2))
     assert "fc" in r18.notes.frozen and "output" in r18.notes.frozen["fc"]
     assert any("residual stream" in why for why in r18.notes.frozen.values())
     _, _, r50 = converted("tv_resnet50")
-    assert [len(st.blocks) for st in r50.stages] == [3, 4, 6, 3]
+    assert [len(st.blocks) for st in r50.depth_stages] == [3, 4, 6, 3]
     assert len(r50.space.groups) == 2 * 16  # both inner widths of every bottleneck
     _, _, mbv2 = converted("tv_mobilenetv2")
-    assert all(st.container == "features" for st in mbv2.stages)
+    assert all(st.container == "features" for st in mbv2.depth_stages)
     dw = mbv2.model.features[3].conv[1][0]
     assert dw.groups == dw.in_channels and type(dw).__name__.startswith("Elastic")  # depthwise is elastic
 
@@ -158,7 +158,7 @@ def test_expected_plans_on_known_layouts(converted):
 def test_attention_groups_move_in_whole_heads_and_vit_depth_is_elastic(converted):
     pytest.importorskip("transformers")
     _, _, net = converted("vit")
-    heads = [g for g in net.groups if g.frozen is None and g.unit > 1]
+    heads = [g for g in net.channel_groups if g.frozen is None and g.unit > 1]
     assert len(heads) == 4 and all(g.unit == 16 for g in heads)
     assert all(c % 16 == 0 for g in heads for c in net.space.choices(g.name))
     assert net.space.max_depth == (4,)
@@ -170,7 +170,7 @@ def test_swin_runs_and_reports_its_frozen_groups(converted):
     _, _, net = converted("swin")
     text = net.report()
     assert "relative_position_bias_table" in text and "frozen groups" in text
-    assert any(g.frozen is None for g in net.groups)
+    assert any(g.frozen is None for g in net.channel_groups)
 
 
 def test_layout_rebuilds_the_small_model_from_a_fresh_instance(converted):
