@@ -22,8 +22,7 @@ def _archs(net, count=4, seed=0):
 
 @pytest.mark.parametrize(
     "name,kw,size",
-    [("resnet20", {}, 16), ("resnet20", {"prune_residual": True}, 16),
-     ("resnet50", {"width_mult": 0.125, "prune_residual": True}, 48)],
+    [("resnet20", {}, 16), ("resnet20", {"prune_residual": True}, 16)],
 )  # fmt: skip
 def test_baselines_compute_the_subnet(name, kw, size):
     """masked and sliced logits == net(x, arch=a) in train mode (per-subnet batch statistics), up to the float
@@ -44,7 +43,7 @@ def test_baselines_compute_the_subnet(name, kw, size):
 def test_channels_last_baselines_compute_the_same_logits():
     case = step.Case("resnet20", 4, 16)
     logits = {}
-    for provider in step.PROVIDERS + step.EXTRA_PROVIDERS:
+    for provider in step.PROVIDERS + step.EXTRA_PROVIDERS + (step.HANDWRITTEN,):
         net, archs, x, _ = step._setup_net(case, "cpu", torch.float32)
         logits[provider] = step.forward_fn(provider, net, archs, x)()
     for provider, ys in logits.items():

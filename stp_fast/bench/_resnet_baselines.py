@@ -1,5 +1,5 @@
 """The two plain-PyTorch baselines of the STP step benchmark (SPEC section 7), for the ResNet supernets
-(``ResNetCifar``: resnet20/56, ``ResNetImageNet``: resnet50), written with ``F.conv2d`` /
+(the CIFAR layout of resnet20/56 and torchvision's of resnet50), written with ``F.conv2d`` /
 ``F.batch_norm`` on the supernet's own parameters, so gradients reach them as in ``forward_many``:
 
 * ``masked``: every arch runs the dense network; after each BN the pruned channels are zeroed by a 0/1
@@ -21,9 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from stp_fast.arch.space import Arch
-from stp_fast.models.base import Supernet
-from stp_fast.models.resnet_cifar import ResNetCifar
-from stp_fast.models.resnet_imagenet import ResNetImageNet
+from stp_fast.dropin import elastic
+from stp_fast.dropin.supernet import ConvertedNet
 
 
 @dataclass(frozen=True)
@@ -44,34 +43,34 @@ class Block:
     shortcut: Layer | None
 
 
-def _layout(net: Supernet, arch: Arch) -> tuple[Layer, bool, list[Block], int]:
-    """(stem layer, stem max-pool?, every block of the supernet, classifier input width) for ``arch``."""
-    if isinstance(net, ResNetCifar):
-        r0 = net._res(arch, 0)
-        stem = Layer(net.stem.conv, net.stem.bn, net.in_chans, r0, True)
-        blocks = []
-        for i, stage in enumerate(net.stages):
-            for j, blk in enumerate(stage):
-                c_in, out, mid = net._res(arch, i - 1 if (j == 0 and i > 0) else i), net._res(arch, i), \
-                    arch.widths[f"s{i}.b{j}.mid"]  # fmt: skip
-                body = (Layer(blk.conv1, blk.bn1, c_in, mid, True), Layer(blk.conv2, blk.bn2, mid, out, False))
-                short = None if blk.downsample is None else Layer(*blk.downsample, c_in, out, False)
-                blocks.append(Block(j < arch.depth[i], body, short))
-        return stem, False, blocks, net._res(arch, len(net.stages) - 1)
-    if isinstance(net, ResNetImageNet):
-        stem = Layer(net.conv1, net.bn1, net.in_chans, net._res(arch, 0), True)
-        blocks = []
-        for i, stage in enumerate(net.stages, 1):
-            for j, blk in enumerate(stage):
-                w = arch.widths
-                c_in, out = net._res(arch, i - 1 if j == 0 else i), net._res(arch, i)
-                m1, m2 = w[f"l{i}.b{j}.mid1"], w[f"l{i}.b{j}.mid2"]
-                body = (Layer(blk.conv1, blk.bn1, c_in, m1, True), Layer(blk.conv2, blk.bn2, m1, m2, True),
-                        Layer(blk.conv3, blk.bn3, m2, out, False))  # fmt: skip
-                short = None if blk.downsample is None else Layer(*blk.downsample, c_in, out, False)
-                blocks.append(Block(j < arch.depth[i - 1], body, short))
-        return stem, True, blocks, net._res(arch, 4)
-    raise TypeError(f"the step benchmark's baselines cover the ResNet supernets, not {type(net).__name__}")
+def _count(module: nn.Module, which: str, widths: dict) -> int:
+    """Channels ``arch`` keeps of ``module``'s output (``"out"``) or input (``"in"``) dimension."""
+    return elastic._kept(module, which, widths).count
+
+
+def _layer(conv: nn.Conv2d, bn: nn.BatchNorm2d, widths: dict, relu: bool) -> Layer:
+    return Layer(conv, bn, _count(conv, "in", widths), _count(conv, "out", widths), relu)
+
+
+def _layout(net: ConvertedNet, arch: Arch) -> tuple[Layer, bool, list[Block], int]:
+    """(stem layer, stem max-pool?, every block of the ResNet, classifier input width) for ``arch``: the
+    CIFAR layout (``stem.conv``/``stem.bn``, ``stages``) or torchvision's (``conv1``/``bn1``, ``layer1..4``),
+    with the channel counts the converted net keeps for ``arch``."""
+    check_supported(net)
+    m, widths = net.model, arch.widths
+    cifar = hasattr(m, "stem")
+    stem = _layer(m.stem.conv, m.stem.bn, widths, True) if cifar else _layer(m.conv1, m.bn1, widths, True)
+    position = {blk: (s, j) for s, st in enumerate(net.depth_stages) for j, blk in enumerate(st.blocks)}
+    blocks = []
+    for name, blk in m.named_modules():
+        if not (hasattr(blk, "conv1") and hasattr(blk, "conv2") and hasattr(blk, "downsample")):
+            continue
+        pairs = [(blk.conv1, blk.bn1), (blk.conv2, blk.bn2)] + ([(blk.conv3, blk.bn3)] if hasattr(blk, "conv3") else [])
+        body = tuple(_layer(c, b, widths, k < len(pairs) - 1) for k, (c, b) in enumerate(pairs))
+        short = None if blk.downsample is None else _layer(blk.downsample[0], blk.downsample[1], widths, False)
+        s, j = position.get(name, (None, 0))
+        blocks.append(Block(s is None or j < arch.depth[s], body, short))
+    return stem, not cifar, blocks, _count(m.fc, "in", widths)
 
 
 def _bn(bn: nn.BatchNorm2d, x: Tensor, ch: int, owner: bool) -> Tensor:
@@ -106,7 +105,7 @@ def _masked_layer(layer: Layer, x: Tensor, mask: Tensor | None, owner: bool) -> 
     return F.relu(y) if layer.relu else y
 
 
-def sliced_forward(net: Supernet, x: Tensor, arch: Arch, owner: bool) -> Tensor:
+def sliced_forward(net: ConvertedNet, x: Tensor, arch: Arch, owner: bool) -> Tensor:
     """Logits of ``arch``: its own pass with sliced weights, dropped blocks skipped."""
     stem, pool, blocks, last = _layout(net, arch)
     h = _sliced_layer(stem, x, owner)
@@ -126,14 +125,14 @@ def sliced_forward(net: Supernet, x: Tensor, arch: Arch, owner: bool) -> Tensor:
 class MaskedPlan:
     """The masks of one arch for :func:`masked_forward`, built once (outside the timed step)."""
 
-    def __init__(self, net: Supernet, arch: Arch, x: Tensor) -> None:
+    def __init__(self, net: ConvertedNet, arch: Arch, x: Tensor) -> None:
         self.stem, self.pool, self.blocks, _ = _layout(net, arch)
         self.stem_mask = next(_masks([self.stem], x))
         self.body_masks = [list(_masks(b.body, x)) for b in self.blocks]
         self.short_masks = [next(_masks([b.shortcut], x)) if b.shortcut else None for b in self.blocks]
 
 
-def masked_forward(net: Supernet, x: Tensor, plan: MaskedPlan, owner: bool) -> Tensor:
+def masked_forward(net: ConvertedNet, x: Tensor, plan: MaskedPlan, owner: bool) -> Tensor:
     """Logits of the plan's arch computed by the dense network with channel masks (full MACs)."""
     h = _masked_layer(plan.stem, x, plan.stem_mask, owner)
     if plan.pool:
@@ -147,6 +146,7 @@ def masked_forward(net: Supernet, x: Tensor, plan: MaskedPlan, owner: bool) -> T
     return F.linear(h.mean((2, 3)), net.fc.weight, net.fc.bias)
 
 
-def check_supported(net: Supernet) -> None:
-    if not isinstance(net, (ResNetCifar, ResNetImageNet)):
-        raise TypeError(f"the step benchmark's baselines cover the ResNet supernets, not {type(net).__name__}")
+def check_supported(net) -> None:
+    m = getattr(net, "model", None)
+    if not isinstance(net, ConvertedNet) or not (hasattr(m, "stem") or hasattr(m, "layer1")) or not hasattr(m, "fc"):
+        raise TypeError(f"the step benchmark's baselines cover the ResNet supernets, not {type(m).__name__}")

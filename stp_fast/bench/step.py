@@ -36,12 +36,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from stp_fast import models
+from stp_fast.arch.space import Arch
 from stp_fast.bench import _resnet_baselines as base
 from stp_fast.bench._table import sweep
 from stp_fast.bench._timing import measure, quantiles
 
 PROVIDERS = ("stp_fast", "masked", "sliced")
 EXTRA_PROVIDERS = ("masked_cl", "sliced_cl")  # for information: the baselines with channels-last tensors
+# for information (CPU, resnet20): the hand-written resnet20 supernet the engine replaced (same weights and archs);
+# the generic engine is meant to stay within 10% of it
+HANDWRITTEN = "handwritten"
 MODES = ("step",)
 KD_TEMPERATURE = 1.0
 TARGET_OF_IDEAL = 0.8  # CPU: stp_fast over masked reaches this fraction of the MACs-ideal speed-up
@@ -122,12 +126,34 @@ def forward_fn(provider: str, net, archs, x: Tensor) -> Callable[[], list[Tensor
         return forward_fn(provider[: -len("_cl")], net, archs, x.contiguous(memory_format=torch.channels_last))
     if provider == "stp_fast":
         return lambda: net.forward_many(x, archs)
+    if provider == HANDWRITTEN:
+        hand, hand_archs = _handwritten(net, archs)
+        return lambda: hand.forward_many(x, hand_archs)
     if provider == "masked":
         plans = [base.MaskedPlan(net, a, x) for a in archs]
         return lambda: [base.masked_forward(net, x, p, owner=s == 0) for s, p in enumerate(plans)]
     if provider == "sliced":
         return lambda: [base.sliced_forward(net, x, a, owner=s == 0) for s, a in enumerate(archs)]
     raise ValueError(f"unknown provider {provider!r}; expected one of {PROVIDERS + EXTRA_PROVIDERS}")
+
+
+def _handwritten(net, archs):
+    """The hand-written resnet20/56 supernet holding ``net``'s weights (the same keys), and ``archs`` in its
+    group names (``s{i}.b{j}.mid`` for the engine's ``stages.{i}.{j}.conv1``)."""
+    from stp_fast.bench import _handwritten_resnet as hw
+
+    if net.model_name not in ("resnet20", "resnet56") or net.model_kwargs.get("prune_residual"):
+        raise ValueError("the hand-written reference covers resnet20/56 without residual pruning")
+    blocks = len(net.model.stages[0])
+    hand = hw.ResNetCifar(blocks, net.num_classes, net.in_chans).to(next(net.parameters()).device)
+    hand.load_state_dict(net.state_dict())
+    hand.train(net.training)
+
+    def convert(a):
+        return Arch.make(a.depth, {f"s{i}.b{j}.mid": a.widths[f"stages.{i}.{j}.conv1"] for i in range(3)
+                                   for j in range(blocks)})  # fmt: skip
+
+    return hand, [convert(a) for a in archs]
 
 
 def setup(case: Case, provider: str, mode: str, *, device: str = "cpu", dtype=torch.float32) -> Callable[[], None]:
@@ -156,6 +182,8 @@ def run(quick: bool = False, device: str = "cpu", dtype=torch.float32) -> list[d
     """Rows (p50/p20/p80 ms, GFLOP/s, the ideal) of every provider; the channels-last baselines unless quick."""
     cs = cases(quick, device)
     providers = PROVIDERS if quick else PROVIDERS + EXTRA_PROVIDERS
+    if not device.startswith("cuda") and not quick:
+        providers += (HANDWRITTEN,)
     if device.startswith("cuda"):
         rows = sweep("step", cs, providers, MODES, setup, flops, device=device, dtype=dtype, quick=quick)
     else:
@@ -223,6 +251,9 @@ def render(rows: list[dict]) -> str:
             cl = {p[: -len("_cl")]: times[p] for p in EXTRA_PROVIDERS if p in times}
             label = "  baselines channels-last"
             lines.append(f"{label:<{width}} {_cells(cl, PROVIDERS)} {'':>7}" + _ratios(cl, ours, ideal_))
+        if "stp_fast" in got and HANDWRITTEN in times:
+            lines.append(f"{'  hand-written supernet':<{width}} {times[HANDWRITTEN]:>9.1f} ms   engine / hand-written "
+                         f"= {ours / times[HANDWRITTEN]:.2f}x (the generic engine's cost; target <= 1.10x)")  # fmt: skip
     if gpu:
         lines.append(f"target (GPU): masked/stp >= {TARGET_VS_MASKED_GPU:.1f}x")
     else:

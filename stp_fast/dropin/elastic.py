@@ -90,7 +90,7 @@ class DimPlan:
 
 # ---------------------------------------------------------------------------------------------- shared helpers
 def _dims(module: nn.Module) -> dict[str, DimPlan]:
-    return module.__dict__["_stp_dims"]
+    return module.__dict__.get("_stp_dims", {})
 
 
 def _kept(module: nn.Module, which: str, widths: Mapping[str, int] | None) -> Kept:

@@ -191,6 +191,7 @@ class ConvertedNet(Supernet):
             if arch is not None:
                 raise ValueError("pass arch= (one subnet) or archs= (several), not both")
             return self.forward_many(x, archs, **kwargs)
+        self._check_input(x)
         if arch is None or arch == self.space.full():
             return self._plain(self._layout(x) if isinstance(x, Tensor) else x, kwargs)
         return self.forward_many(x, [arch], **kwargs)[0]
@@ -198,11 +199,24 @@ class ConvertedNet(Supernet):
     def _plain(self, x, kwargs) -> Tensor:
         return self.outputs(self.model(*(() if x is None else (x,)), **kwargs))
 
+    def _check_input(self, x) -> None:
+        """A clear error for an image batch the model was not converted for (channels, rank)."""
+        args = self.example[0]
+        if not (isinstance(x, Tensor) and args and isinstance(args[0], Tensor)):
+            return
+        ref = args[0]
+        if x.dim() != ref.dim() or (ref.dim() == 4 and x.shape[1] != ref.shape[1]):
+            want = f"[B, {ref.shape[1]}, H, W]" if ref.dim() == 4 else f"{ref.dim()}-D"
+            raise ValueError(f"forward: x has shape {tuple(x.shape)} but the model was converted for inputs {want} "
+                             f"(x has {x.shape[1] if x.dim() > 1 else '?'} channels but the network takes "
+                             f"{ref.shape[1]})")  # fmt: skip
+
     def forward_many(self, x, archs: Sequence[Arch], **kwargs) -> list[Tensor]:
         """Outputs of every arch on the same input; one pass of the model for all of them."""
         if not isinstance(archs, (list, tuple)) or not archs:
             raise ValueError("forward_many: archs must be a non-empty list of Arch")
         archs = [self.space.validate(a) for a in archs]
+        self._check_input(x)
         x = self._layout(x) if isinstance(x, Tensor) else x
         full = self.space.full()
         owner = next((i for i, a in enumerate(archs) if a == full), None)
@@ -221,6 +235,14 @@ class ConvertedNet(Supernet):
         super().train(mode)
         object.__setattr__(self.model, "training", mode)  # the model's own flag (its children share ours)
         return self
+
+    def sort_channels(self, criterion="l1") -> None:
+        """The one-time importance sort of every elastic group (see ``stp_fast.dropin.importance``): after
+        loading pretrained weights, so that prefixes keep the strongest channels.  The function is unchanged."""
+        from stp_fast.dropin.importance import sort_groups
+
+        sort_groups(self.model, [g for g in self.channel_groups if g.frozen is None], criterion)
+        self.notes.sorted_by = criterion if isinstance(criterion, str) else "custom"
 
     # ------------------------------------------------------------------ depth
     def dropped_blocks(self, arch: Arch) -> list[str]:

@@ -41,6 +41,7 @@ def create(name: str, num_classes: int, in_chans: int = 3, **kw) -> Supernet:
         raise ValueError(f"in_chans must be a positive int, got {in_chans!r}")
     net = _REGISTRY[name](num_classes, in_chans, **kw)
     net.model_name, net.model_kwargs = name, dict(kw)  # recorded in checkpoints
+    net.num_classes, net.in_chans = num_classes, in_chans
     return net
 
 

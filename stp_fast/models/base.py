@@ -94,3 +94,13 @@ def owner_within(owner: int | None, members: Sequence[int]) -> int | None:
 def l1_order(weight: Tensor) -> Tensor:
     """Output channels of ``weight`` by descending L1 norm (the one-time importance sort)."""
     return weight.abs().flatten(1).sum(1).argsort(descending=True)
+
+
+def make_supernet(model: nn.Module, input_size: Sequence[int], *, channels_last: bool = True, **convert_kw):
+    """A built-in model definition (plain PyTorch) made elastic by the drop-in engine, ``stp_fast.convert``:
+    the same engine users' models go through.  ``input_size`` = (C, H, W) of the images; the example batch
+    is drawn from a fixed generator (the caller's RNG is untouched).  Convnets run channels-last on the CPU."""
+    from stp_fast.dropin import convert
+
+    x = torch.randn(2, *input_size, generator=torch.Generator().manual_seed(0))
+    return convert(model, x, importance_sort=None, channels_last=channels_last, **convert_kw)

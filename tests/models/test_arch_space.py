@@ -10,6 +10,10 @@ from stp_fast import models
 from stp_fast.arch import Arch
 
 
+MID = "stages.0.0.conv1"  # the inner width of block 0 of stage 0 (groups are named by their first layer)
+RES1 = "stages.1.0.downsample.0"  # stage 1's residual stream (prune_residual=True)
+
+
 @pytest.fixture(scope="module")
 def space():
     return models.create("resnet20", 10, prune_residual=True).space
@@ -41,10 +45,10 @@ def test_validate_names_the_field(space):
         (Arch.make((0, 3, 3), w), r"arch.depth\[0\]=0 must lie in \[1, 3\]"),
         (Arch.make((3, 4, 3), w), r"arch.depth\[1\]=4"),
         (Arch.make((3, 3), w), r"arch.depth has 2 entries but the network has 3 stages"),
-        (Arch.make((3, 3, 3), {**w, "s0.b0.mid": 17}), r"arch.width\['s0.b0.mid'\]=17 must lie in \[1, 16\]"),
-        (Arch.make((3, 3, 3), {**w, "s0.b0.mid": 0}), r"arch.width\['s0.b0.mid'\]=0"),
-        (Arch.make((3, 3, 3), {**w, "s9.b0.mid": 4}), r"unknown groups \['s9.b0.mid'\]"),
-        (Arch.make((3, 3, 3), {k: v for k, v in w.items() if k != "s1.res"}), r"lacks groups \['s1.res'\]"),
+        (Arch.make((3, 3, 3), {**w, MID: 17}), rf"arch.width\['{MID}'\]=17 must lie in \[1, 16\]"),
+        (Arch.make((3, 3, 3), {**w, MID: 0}), rf"arch.width\['{MID}'\]=0"),
+        (Arch.make((3, 3, 3), {**w, "stages.9.0.conv1": 4}), r"unknown groups \['stages.9.0.conv1'\]"),
+        (Arch.make((3, 3, 3), {k: v for k, v in w.items() if k != RES1}), rf"lacks groups \['{RES1}'\]"),
     ]
     for arch, msg in bad:
         with pytest.raises(ValueError, match=msg):
@@ -84,8 +88,8 @@ def test_expand_reaches_target_and_contains(space):
 
 
 def test_canonical_ignores_dropped_blocks(space):
-    a = Arch.make((1, 3, 3), {**space.full().widths, "s0.b2.mid": 2})
-    assert space.canonical(a).widths["s0.b2.mid"] == 16
+    a = Arch.make((1, 3, 3), {**space.full().widths, "stages.0.2.conv1": 2})
+    assert space.canonical(a).widths["stages.0.2.conv1"] == 16
     assert space.macs(a) == space.macs(space.canonical(a))
 
 
