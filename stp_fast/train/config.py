@@ -69,8 +69,8 @@ class STPConfig:
             training, trained before it from the full net), ``"assistant"`` (a bridge superset with
             MACs uniform in [B, full] is the budget arch's teacher), or ``"off"``.
         score_baseline: ``"none"`` (an arch's score is the EMA of its KD losses) or ``"trend"`` (the EMA of
-            its KD loss minus the pool's running mean KD at the same step: KD falls during training, so raw
-            EMAs favour archs added late; relative scores compare old and new archs fairly).
+            its KD loss divided by the pool's running mean KD at the same step: KD falls during training, so
+            raw EMAs favour archs added late; relative scores compare old and new archs fairly).
         pool_init: ``"fit"`` (random archs shrunk/grown into the band by random genes) or ``"balanced"``
             (each arch takes a random share of its MACs cut from depth first, the rest from width, so
             the pool covers depth- and width-heavy reductions evenly).

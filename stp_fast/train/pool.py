@@ -6,7 +6,7 @@ dropped and replaced by mutations of the best and by random budget archs.
 
 KD losses fall as training goes on, so an EMA of raw losses favours archs that joined late (their
 history holds only the low recent values).  With ``baseline="trend"`` an arch's score is the EMA of
-its KD loss minus the pool's running mean KD at that moment: archs are compared with what their
+its KD loss divided by the pool's running mean KD at that moment: archs are compared with what their
 contemporaries got, whatever their age.  ``init="balanced"`` draws each new arch's share of the MACs
 cut that comes from depth uniformly, so the pool covers depth-heavy and width-heavy archs evenly
 (random-gene shrinking favours shallow archs, whose depth steps cut the most MACs).
@@ -117,7 +117,7 @@ class ArchPool:
         value = kd
         if self.baseline == "trend":
             self.trend = kd if self.trend is None else ema * self.trend + (1 - ema) * kd
-            value = kd - self.trend
+            value = kd / max(self.trend, 1e-12)  # a ratio: the same relative quality scores the same at any time
         for e in self.entries:
             if e.arch == arch:
                 e.score = value if e.seen == 0 else ema * e.score + (1 - ema) * value

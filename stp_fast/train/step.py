@@ -263,14 +263,17 @@ class STPStep:
 
     # ------------------------------------------------------------------ selection
     def select(self, calib: Iterable, holdout: Iterable | None = None, *, forward: Callable | None = None,
-               device: torch.device | str | None = None, candidates: int | None = None) -> list[Selection]:  # fmt: skip
+               device: torch.device | str | None = None, candidates: int | None = None,
+               evaluate: Callable[[nn.Module], dict] | None = None) -> list[Selection]:  # fmt: skip
         """The best arch of every budget, no fine-tuning: the pool's best ``final_candidates`` archs are
         extracted, BatchNorm-recalibrated on ``calib`` and re-scored on ``holdout`` (KL to the recalibrated
         full model, or held-out top-1 with ``select_by="top1"``); the lowest score wins.
 
         ``calib``/``holdout`` yield image batches or (images, labels) pairs (``holdout`` None: ``calib``).
-        ``forward(model, x)`` overrides how a model is called (default ``model(x)``).  The chosen plain
-        models are in ``Selection.model`` (eval mode, BN recalibrated)."""
+        ``forward(model, x)`` overrides how a model is called (default ``model(x)``, through a converted
+        net's ``outputs=`` selector); ``evaluate(model) -> dict`` adds entries to each candidate's record
+        (e.g. its test top-1).  The chosen plain models are in ``Selection.model`` (eval mode, BN
+        recalibrated)."""
         from stp_fast.nn.bn import recalibrate_bn
         from stp_fast.train.evaluate import kd_score_batches
 
@@ -295,6 +298,8 @@ class STPStep:
                 cand = {"arch": e.arch.to_dict(), "macs": e.macs, "macs_ratio": e.macs / self.full_macs,
                         "params": self.space.params(e.arch), "pool_score": None if math.isinf(e.score) else e.score,
                         "holdout_kd": kd, "holdout_top1": top1}  # fmt: skip
+                if evaluate is not None:
+                    cand |= evaluate(plain)
                 chosen.candidates.append(cand)
                 key = kd if cfg.select_by == "kd" else -(top1 if top1 is not None else 0.0)
                 if best is None or key < best[0]:

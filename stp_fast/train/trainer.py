@@ -1,17 +1,17 @@
 """``STPTrainer``: stimulative training of a supernet, KD-guided architecture search, extraction,
 BN recalibration and evaluation -- no fine-tuning (``ALGORITHMS.md`` section 2, SPEC section 5).
 
-Every step runs the full net and K subnets in ONE ``forward_many`` pass (one batched multi-subnet
-op per layer), sums the full net's cross-entropy and the subnets' KL losses, and takes one optimizer
-step.  Under ``torchrun`` the supernet runs in DistributedDataParallel: one backward per step, so no
-``no_sync`` juggling is needed, and the KD scores are averaged over ranks so every rank keeps the
-same pool.
+The trainer is a loop around :class:`~stp_fast.train.step.STPStep` -- the same step object a user's own
+loop uses: every step runs the full net and K subnets in ONE ``forward_many`` pass (one batched
+multi-subnet op per layer), adds the full net's cross-entropy and the subnets' KD losses, and takes
+one optimizer step.  Under ``torchrun`` the supernet runs in DistributedDataParallel: one backward per
+step, so no ``no_sync`` juggling is needed, and the KD scores are averaged over ranks so every rank
+keeps the same pools.
 """
 
 from __future__ import annotations
 
 import math
-import random
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -26,11 +26,10 @@ from stp_fast.nn.bn import recalibrate_bn
 from stp_fast.train import checkpoint as ckpt
 from stp_fast.train import distributed as dist_utils
 from stp_fast.train.config import STPConfig
-from stp_fast.train.evaluate import evaluate, kd_score
-from stp_fast.train.losses import stp_losses
-from stp_fast.train.pool import ArchPool
+from stp_fast.train.evaluate import evaluate
 from stp_fast.train.progress import Progress, log
 from stp_fast.train.sources import as_source
+from stp_fast.train.step import STPStep
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -41,7 +40,12 @@ class TrainingDiverged(RuntimeError):
 
 @dataclass
 class STPResult:
-    """What :meth:`STPTrainer.fit` returns (models are plain ``torch.nn`` modules in eval mode)."""
+    """What :meth:`STPTrainer.fit` returns (models are plain ``torch.nn`` modules in eval mode).
+
+    ``chosen``/``pruned``/``pool``/``candidates``/``pruned_model`` describe the first budget;
+    ``budgets`` holds one dict per budget of a multi-budget run (``flops_target=[...]``), in order:
+    ``{"target", "arch", "top1", "macs", "params", "pool", "candidates"}``, and ``pruned_models`` the
+    chosen model of each."""
 
     chosen: Arch | None
     full: dict
@@ -55,6 +59,8 @@ class STPResult:
     wall_s: float
     dense_model: nn.Module | None = field(default=None, repr=False)
     pruned_model: nn.Module | None = field(default=None, repr=False)
+    budgets: list[dict] = field(default_factory=list)
+    pruned_models: list[nn.Module] = field(default_factory=list, repr=False)
 
 
 class _Many(nn.Module):
@@ -120,24 +126,27 @@ class STPTrainer:
         self.space = net.space
         self.full_arch = self.space.full()
         self.full_macs = self.space.macs(self.full_arch, self.input_size)
-        self.budget = cfg.flops_target * self.full_macs
-        self.rng = random.Random(cfg.seed)
-        self.pool = None
-        if cfg.method != "dense":
-            self.pool = ArchPool(self.space, self.budget, cfg.pool_size, self.rng, input_size=self.input_size,
-                                 tolerance=cfg.budget_tolerance, sampling=cfg.sampling, mutate_prob=cfg.mutate_prob)
+        self.steps_per_epoch = len(self.train) // (cfg.batch_size * self.world_size)
+        self.total_steps = self.steps_per_epoch * cfg.epochs
+        if self.total_steps < 1:
+            raise ValueError(f"batch_size={cfg.batch_size}: no full batch per epoch ({len(self.train)} images)")
+        self.step = STPStep(net, cfg, total_steps=self.total_steps, input_size=self.input_size)
+        self.budget = self.step.budgets[0] if self.step.budgets else cfg.targets()[0] * self.full_macs
         self.model = _Many(self.net)
         if self.world_size > 1:
             self.model = dist_utils.wrap_ddp(self.model, self.device)
         self.optimizer = torch.optim.SGD(self.net.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                          nesterov=cfg.nesterov and cfg.momentum > 0, weight_decay=cfg.weight_decay)
-        self.steps_per_epoch = len(self.train) // (cfg.batch_size * self.world_size)
-        self.total_steps = self.steps_per_epoch * cfg.epochs
         warm = cfg.warmup_epochs * self.steps_per_epoch
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: _cosine(s, self.total_steps, warm))
         self.epoch, self.history, self.wall_before = 0, [], 0.0
         if resume:
             self._resume()
+
+    @property
+    def pool(self):
+        """The (first budget's) architecture pool; None for dense training."""
+        return self.step.pools[0] if self.step.pools else None
 
     # ------------------------------------------------------------------ public
     def fit(self) -> STPResult:
@@ -163,14 +172,9 @@ class STPTrainer:
                     sums[k] += values[k]
                 steps += 1
                 bar.update(x.shape[0] * self.world_size, loss=values["loss"], lr=self.scheduler.get_last_lr()[0])
-                interval = cfg.pool_update_interval
-                done = epoch * self.steps_per_epoch + steps
-                if self.pool is not None and cfg.method == "stp" and interval and done % interval == 0:
-                    self.pool.update(cfg.pool_replace_fraction, cfg.pool_mutate_share)
         finally:
             bar.close()
-        if self.pool is not None and cfg.method == "stp" and not cfg.pool_update_interval:
-            self.pool.update(cfg.pool_replace_fraction, cfg.pool_mutate_share)
+        self.step.end_epoch()
         if self.world_size > 1:
             dist_utils.sync_buffers(self.net)
         record = {"epoch": epoch + 1, "steps": steps, **{k: v / max(steps, 1) for k, v in sums.items()},
@@ -185,120 +189,80 @@ class STPTrainer:
         log(f"epoch {epoch + 1}/{cfg.epochs}: {summary}", mode=self.progress if self.rank == 0 else "off")
         return record
 
-    def _plan(self, step: int) -> tuple[list[Arch], list[int], list[tuple[int, Arch]]]:
-        """The archs of one step (full first), each subnet's teacher index, and the budget archs
-        whose KD loss scores the pool: ``(archs, teachers, [(position, arch)])``."""
-        cfg = self.config
-        archs, teachers, scored = [self.full_arch], [], []
-        if cfg.method == "st":
-            while len(archs) <= cfg.subnets_per_step:
-                archs.append(self._random_subnet())
-                teachers.append(0)
-            return archs, teachers, scored
-        progress = step / max(self.total_steps, 1)
-        while len(archs) <= cfg.subnets_per_step:
-            a = self.pool.draw(cfg.pool_sample_prob)
-            big = self._expanded(a, progress)
-            if big is not None and big != a and len(archs) + 1 <= cfg.subnets_per_step:
-                archs.append(big)
-                teachers.append(0)
-                teachers.append(len(archs) - 1 if cfg.expansion == "assistant" else 0)
-            else:
-                teachers.append(0)
-            archs.append(a)
-            scored.append((len(archs) - 1, a))
-        return archs, teachers, scored
-
-    def _expanded(self, arch: Arch, progress: float) -> Arch | None:
-        cfg = self.config
-        if cfg.expansion == "off":
-            return None
-        if cfg.expansion == "assistant":
-            target = self.rng.uniform(self.budget, self.full_macs)
-        else:
-            left = max(0.0, 1.0 - progress / cfg.expansion_anneal) if cfg.expansion_anneal > 0 else 0.0
-            target = self.budget + (cfg.expansion_start * self.full_macs - self.budget) * left
-            if left <= 0.0 or target <= self.pool.macs(arch):  # annealed down to the budget: no expansion
-                return None
-        return self.space.canonical(self.space.expand(arch, target, self.rng, self.input_size))
-
-    def _random_subnet(self) -> Arch:
-        a = self.space.sample(self.rng)
-        return Arch.make(a.depth, self.space.groups) if self.config.sampling == "depth" else a
-
     def _step(self, x: Tensor, y: Tensor, epoch: int, step_in_epoch: int) -> dict:
+        """One optimizer step through :class:`STPStep`: plan, one forward of every arch, loss, backward,
+        update.  A NaN/inf loss (the same on every rank: the values are averaged first) stops the run."""
         cfg = self.config
-        global_step = epoch * self.steps_per_epoch + step_in_epoch
-        archs, teachers, scored = self._plan(global_step)
+        archs = self.step.plan()
         amp = cfg.amp and self.device.type == "cuda"
         with torch.autocast("cuda", dtype=torch.bfloat16) if amp else nullcontext():
             logits = self.model(x, archs)
-        total, ce, kds = stp_losses(logits, y, teachers, temperature=cfg.kd_temperature, kd_weight=cfg.kd_weight,
-                                    label_smoothing=cfg.label_smoothing, norm_kd=cfg.norm_kd)  # fmt: skip
-        stats = torch.cat([total.detach().reshape(1).float(), ce.reshape(1), kds])
-        if self.world_size > 1:
-            stats = dist_utils.all_mean(stats)
-        stats = stats.tolist()
-        if not all(math.isfinite(v) for v in stats):
-            where = f"{self.out_dir / CHECKPOINT}" if self.out_dir and self.epoch > 0 else None
-            kept = f"the last good checkpoint (epoch {self.epoch}) is kept at {where}" if where else \
-                "no checkpoint had been written yet"  # fmt: skip
-            raise TrainingDiverged(f"the loss became {stats[0]} at epoch {epoch + 1}, step {step_in_epoch + 1}; "
-                                   f"{kept}. Lower the learning rate (lr={cfg.lr}) or enable grad_clip.")  # fmt: skip
+        loss = self.step.loss(logits, y)
         self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
+        loss.backward()
         if cfg.grad_clip:
             nn.utils.clip_grad_norm_(self.net.parameters(), cfg.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
-        kd_values = stats[2:]
-        if scored:
-            mean = sum(kd_values[p - 1] for p, _ in scored) / len(scored) if cfg.score_normalize else 1.0
-            for pos, arch in scored:
-                self.pool.observe(arch, kd_values[pos - 1] / max(mean, 1e-12), cfg.score_ema)
-        return {"loss": stats[0], "ce": stats[1], "kd": sum(kd_values) / len(kd_values) if kd_values else 0.0}
+        values = self.step.update()
+        if not all(math.isfinite(v) for v in (values["loss"], values["ce"], *values["kd"])):
+            where = f"{self.out_dir / CHECKPOINT}" if self.out_dir and self.epoch > 0 else None
+            kept = f"the last good checkpoint (epoch {self.epoch}) is kept at {where}" if where else \
+                "no checkpoint had been written yet"  # fmt: skip
+            raise TrainingDiverged(f"the loss became {values['loss']} at epoch {epoch + 1}, step {step_in_epoch + 1}; "
+                                   f"{kept}. Lower the learning rate (lr={cfg.lr}) or enable grad_clip.")  # fmt: skip
+        kd = values["kd"]
+        return {"loss": values["loss"], "ce": values["ce"], "kd": sum(kd) / len(kd) if kd else 0.0}
 
     # ------------------------------------------------------------------ end of training
     def _finish(self, wall_s: float) -> STPResult:
+        """Select every budget's arch (no fine-tuning: extraction, BN recalibration, re-scoring on the
+        held-out images) and evaluate the dense and the chosen models on ``val_set``."""
         cfg = self.config
         calib = self.train.loader(min(256, cfg.calib_images), shuffle=True, seed=cfg.seed, epoch=10**6)
         dense = self.net.extract(self.full_arch).to(self.device)
-        recalibrate_bn(dense, calib, cfg.calib_images)
-        full = {"top1": evaluate(dense, self.val, self.device), "macs": self.full_macs,
+        recalibrate_bn(dense, calib, cfg.calib_images, forward=self._call)
+        full = {"top1": evaluate(self._wrap(dense), self.val, self.device), "macs": self.full_macs,
                 "params": self.space.params(self.full_arch)}  # fmt: skip
         result = STPResult(None, full, None, [], [], self.history, self.budget, self.input_size, str(self.device),
                            wall_s, dense_model=dense)  # fmt: skip
-        if self.pool is None:
+        if not self.step.pools:
             return result
         score_set = self.holdout if self.holdout is not None else self.train
-        ranked = self.pool.ranked()
-        result.pool = [{"arch": e.arch.to_dict(), "macs": e.macs, "macs_ratio": e.macs / self.full_macs,
-                        "score": None if math.isinf(e.score) else e.score, "seen": e.seen} for e in ranked]  # fmt: skip
-        chosen_model, best = None, None
-        for e in ranked[: cfg.final_candidates]:
-            plain = self.net.extract(e.arch).to(self.device)
-            recalibrate_bn(plain, calib, cfg.calib_images)
-            kd, top1_hold = kd_score(plain, dense, score_set, self.device, temperature=cfg.kd_temperature)
-            cand = {"arch": e.arch.to_dict(), "macs": e.macs, "macs_ratio": e.macs / self.full_macs,
-                    "params": self.space.params(e.arch), "pool_score": None if math.isinf(e.score) else e.score,
-                    "holdout_kd": kd, "holdout_top1": top1_hold,
-                    "top1": evaluate(plain, self.val, self.device)}  # fmt: skip
-            result.candidates.append(cand)
-            key = kd if cfg.select_by == "kd" else -top1_hold
-            if best is None or key < best[0]:
-                best, chosen_model = (key, e.arch, cand), plain
-        _, result.chosen, cand = best
-        result.pruned = {"top1": cand["top1"], "macs": cand["macs"], "params": cand["params"],
-                         "arch": result.chosen.to_dict()}  # fmt: skip
-        result.pruned_model = chosen_model
+        holdout = score_set.loader(256)
+
+        def on_candidate(model: nn.Module) -> dict:
+            return {"top1": evaluate(self._wrap(model), self.val, self.device)}
+
+        selections = self.step.select(calib, holdout, forward=self._call, device=self.device, evaluate=on_candidate)
+        for target, sel, pool in zip(self.step.targets, selections, self.step.pools):
+            cand = next(c for c in sel.candidates if c["arch"] == sel.arch.to_dict())
+            result.budgets.append({"target": target, "arch": sel.arch.to_dict(), "top1": cand["top1"],
+                                   "macs": sel.macs, "params": sel.params, "candidates": sel.candidates,
+                                   "pool": _pool_rows(pool, self.full_macs)})  # fmt: skip
+            result.pruned_models.append(sel.model)
+        first = result.budgets[0]
+        result.chosen = selections[0].arch
+        result.pruned = {"top1": first["top1"], "macs": first["macs"], "params": first["params"],
+                         "arch": first["arch"]}  # fmt: skip
+        result.pool, result.candidates = first["pool"], first["candidates"]
+        result.pruned_model = result.pruned_models[0]
         return result
+
+    def _call(self, model: nn.Module, x: Tensor) -> Tensor:
+        """How an extracted model is called: its logits (a converted model's ``outputs=`` selector)."""
+        pick = getattr(self.net, "outputs", None)
+        out = model(x)
+        return pick(out) if pick is not None else out
+
+    def _wrap(self, model: nn.Module) -> nn.Module:
+        return _Logits(model, self.net.outputs) if getattr(self.net, "outputs", None) is not None else model
 
     # ------------------------------------------------------------------ checkpoints
     def _state(self, wall_s: float) -> dict:
         return ckpt.run_state(self.net, self.config, epoch=self.epoch, optimizer=self.optimizer,
                               scheduler=self.scheduler, history=self.history, wall_s=wall_s,
-                              pool=self.pool.state_dict() if self.pool else None,
-                              rng=_encode_rng(self.rng.getstate()))  # fmt: skip
+                              stp=self.step.state_dict())  # fmt: skip
 
     def _save(self, wall_s: float) -> None:
         if self.out_dir is not None:
@@ -308,11 +272,8 @@ class STPTrainer:
         if self.out_dir is None:
             raise ValueError("resume=True needs out_dir (where the checkpoint is)")
         path = self.out_dir / CHECKPOINT
-        data = ckpt.restore_run(path, self.net, self.config, self.optimizer, self.scheduler,
-                                require="pool" if self.pool is not None else None)  # fmt: skip
-        if self.pool is not None:
-            self.pool.load_state_dict(data["pool"])
-        self.rng.setstate(_decode_rng(data["rng"]))
+        data = ckpt.restore_run(path, self.net, self.config, self.optimizer, self.scheduler, require="stp")
+        self.step.load_state_dict(data["stp"])
         self.epoch, self.history = int(data["epoch"]), list(data["history"])
         self.wall_before = float(data["wall_s"])
         log(f"resumed {path} at epoch {self.epoch}/{self.config.epochs}",
@@ -324,6 +285,22 @@ class STPTrainer:
         ckpt.load_weights(self.net, data, path)
         if hasattr(self.net, "sort_channels"):
             self.net.sort_channels()
+
+
+class _Logits(nn.Module):
+    """A converted model's prediction tensor (its ``outputs=`` selector applied), for evaluation."""
+
+    def __init__(self, model: nn.Module, pick) -> None:
+        super().__init__()
+        self.model, self.pick = model, pick
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.pick(self.model(x))
+
+
+def _pool_rows(pool, full_macs: float) -> list[dict]:
+    return [{"arch": e.arch.to_dict(), "macs": e.macs, "macs_ratio": e.macs / full_macs,
+             "score": None if math.isinf(e.score) else e.score, "seen": e.seen} for e in pool.ranked()]  # fmt: skip
 
 
 def train_epochs(trainer) -> float:
@@ -356,12 +333,3 @@ def _cosine(step: int, total: int, warmup: float) -> float:
     progress = (step - warmup) / max(total - warmup, 1)
     return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
-
-def _encode_rng(state: tuple) -> list:
-    version, internal, gauss = state
-    return [version, list(internal), gauss]
-
-
-def _decode_rng(data: list) -> tuple:
-    version, internal, gauss = data
-    return version, tuple(internal), gauss

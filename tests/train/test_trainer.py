@@ -104,26 +104,19 @@ def test_init_from_a_checkpoint_of_another_model_is_refused(tmp_path):
         STPTrainer(models.create("resnet20", 3, 1), train, val, STPConfig(**TINY), init=tmp_path / "junk.pt")
 
 
-@pytest.mark.parametrize("expansion", ["progressive", "assistant", "off"])
-def test_step_plan_expansion(expansion):
-    train, val = synthetic()
-    net = models.create("resnet20", 3, 1)
-    t = STPTrainer(net, train, val, STPConfig(**TINY, expansion=expansion, subnets_per_step=4), progress="off")
-    archs, teachers, scored = t._plan(0)
-    space = net.space
-    assert archs[0] == space.full() and len(archs) == 5 and len(teachers) == 4
-    assert all(space.macs(a, t.input_size) <= t.budget for _, a in scored)
-    if expansion == "off":
-        assert len(scored) == 4 and teachers == [0, 0, 0, 0]
-        return
-    assert len(scored) == 2  # two budget archs, each after its expanded superset
-    for pos, a in scored:
-        big = archs[pos - 1]
-        assert space.contains(big, a) and space.macs(big, t.input_size) > space.macs(a, t.input_size)
-        assert teachers[pos - 1] == (pos - 1 if expansion == "assistant" else 0)
-    if expansion == "progressive":  # annealed: no expansion once the schedule has reached the budget
-        _, _, late_scored = t._plan(t.total_steps)
-        assert len(late_scored) == 4
+def test_two_budgets_in_one_run_give_one_arch_and_model_each():
+    net, res = _run(epochs=1, flops_target=[0.3, 0.15])
+    assert [b["target"] for b in res.budgets] == [0.3, 0.15]
+    for b, model in zip(res.budgets, res.pruned_models):
+        assert b["macs"] <= b["target"] * res.full["macs"] and 0 <= b["top1"] <= 1
+        assert stp_fast_count(model) == b["macs"]
+    assert res.pruned == {k: res.budgets[0][k] for k in ("top1", "macs", "params", "arch")}
+
+
+def stp_fast_count(model) -> int:
+    import stp_fast
+
+    return stp_fast.count_macs(model, (1, 8, 8))[0]
 
 
 def _free_port() -> int:
