@@ -48,8 +48,8 @@ _WRAPPERS = ("DistributedDataParallel", "DataParallel", "FullyShardedDataParalle
 def convert(model: nn.Module, example_inputs, *, outputs: str | Callable | None = None,
             width_ratios: Sequence[float] = DEFAULT_WIDTH_RATIOS, divisor: int = 1, depth: bool = True,
             prune_residual: bool = False, ignore: Iterable[str] = (), blocks: Sequence[str] | None = None,
-            importance_sort: str | Callable | None = "l1", channels_last: bool = False,
-            check: bool = True) -> ConvertedNet:  # fmt: skip
+            groups: Sequence[Sequence[str]] | None = None, importance_sort: str | Callable | None = "l1",
+            channels_last: bool = False, check: bool = True) -> ConvertedNet:  # fmt: skip
     """Turn ``model`` into a supernet (in place: ``net.model`` is ``model``, state-dict keys unchanged).
 
     Args:
@@ -65,6 +65,9 @@ def convert(model: nn.Module, example_inputs, *, outputs: str | Callable | None 
         prune_residual: also make residual streams (channels shared by several blocks) elastic.
         ignore: module names (or prefixes) whose channels and blocks stay fixed.
         blocks: the skippable blocks, by name, instead of finding them (children of Sequential/ModuleList).
+        groups: channel groups declared by hand, each a list of ``"module:out"`` / ``"module:in"`` dimensions
+            of equal size that shrink together (channel i of each is the same channel); they replace the
+            traced groups that touch those dimensions (for couplings the dependency graph cannot see).
         importance_sort: ``"l1"`` (default), ``"l2"``, a function ``f(modules, group) -> scores``, or None:
             order each group's channels so that prefixes keep the strongest (pretrained weights).
         channels_last: run 4-D inputs channels-last on the CPU (faster oneDNN convolutions; only for
@@ -88,7 +91,8 @@ def convert(model: nn.Module, example_inputs, *, outputs: str | Callable | None 
     try:
         with torch.no_grad():
             reference = _reference(model, args, kwargs, select)
-        groups = _groups(model, args, kwargs, select)
+        traced = _groups(model, args, kwargs, select)
+        groups = _declared(traced, groups, modules) if groups is not None else traced
         notes = Notes()
         names, stages = _stages(model, args, kwargs, depth, blocks, ignore, notes)
         _freeze(groups, modules, ignore, stages, prune_residual, width_ratios, divisor, notes)
@@ -158,6 +162,32 @@ def _groups(model, args, kwargs, select) -> list[Group]:
     except Exception as exc:
         raise ConversionError(f"convert: Torch-Pruning's dependency graph could not trace the model: "
                               f"{type(exc).__name__}: {_first_line(exc)}") from exc  # fmt: skip
+
+
+def _declared(traced: list[Group], declared: Sequence[Sequence[str]], modules: dict) -> list[Group]:
+    """The user's ``groups=``: validated, replacing every traced group that touches one of their dimensions."""
+    from stp_fast.dropin.groups import Member
+
+    own, taken = [], set()
+    for spec in declared:
+        members = []
+        for item in spec:
+            name, _, dim = str(item).rpartition(":")
+            if name not in modules or dim not in ("out", "in"):
+                raise ConversionError(f"groups: {item!r} must be 'module:out' or 'module:in' with a module of the model")
+            why = elastic.supported(modules[name])
+            if why is not None:
+                raise ConversionError(f"groups: {name} cannot be elastic: {why}")
+            dim = "out" if not isinstance(modules[name], (nn.Conv2d, nn.Conv1d, nn.Linear)) else dim
+            members.append((name, dim, elastic._full_size(modules[name], dim)))
+        sizes = {size for _, _, size in members}
+        if not members or len(sizes) != 1:
+            raise ConversionError(f"groups: {list(spec)} must name dimensions of one size, got sizes {sorted(sizes)}")
+        size = sizes.pop()
+        own.append(Group(members[0][0], size, [Member(n, d, list(range(size))) for n, d, _ in members]))
+        taken |= {(n, d) for n, d, _ in members}
+    kept = [g for g in traced if not any((m.module, m.dim) in taken for m in g.members)]
+    return kept + own
 
 
 # ---------------------------------------------------------------------------------------------- depth

@@ -200,3 +200,29 @@ def test_report_names_groups_blocks_and_macs(converted):
         assert part in text
     summary = net.summary()
     assert summary["macs_full"] == stp_fast.count_macs(net.extract(net.space.full()), (3, 32, 32))[0]
+
+
+class _Hidden(nn.Module):
+    """Two linear layers coupled through a custom op the dependency graph cannot see into."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(8, 12)
+        self.fc2 = nn.Linear(12, 4)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def test_groups_declared_by_hand_replace_the_traced_ones():
+    x = torch.randn(5, 8)
+    net = convert(_Hidden(), x, groups=[["fc1:out", "fc2:in"]], depth=False)
+    assert list(net.space.groups) == ["fc1"] and net.space.groups["fc1"] == 12
+    arch = net.space.smallest()
+    small = net.extract(arch)
+    assert small.fc1.out_features == small.fc2.in_features == net.space.choices("fc1")[0]
+    net.check_extracted(arch, small)
+    with pytest.raises(ValueError, match="one size"):
+        convert(_Hidden(), x, groups=[["fc1:out", "fc2:out"]], depth=False)
+    with pytest.raises(ValueError, match="'nope:out'"):
+        convert(_Hidden(), x, groups=[["nope:out"]], depth=False)
