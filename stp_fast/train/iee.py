@@ -448,14 +448,42 @@ class IEETrainer:
                 new = self.channels.swap_rigl(sp.normalize_scores(keep, norm), sp.normalize_scores(grow, norm), old, n)
             fill = self.regrow
         grown = sum(int((new[k].cpu() & ~old[k]).sum()) for k in old)
+        why = self._why(cfg, old, new, frac, scores if cfg.method == "iee" else grow)
         if cfg.structure == "channel":
             self._fresh_bn_stats({k: new[k].cpu() & ~old[k] for k in old})
         grown_entries = self.state.set(new, fill=fill, explored=explored)
         for name, m in self.state.param_masks().items():
             self.optimizer.reset_momentum(self.params[name], grown_entries[name] | ~m)
-        record = {"step": step, "event": "decide", "swap_cap": frac, "grown": grown, **self.stats()}
+        record = {"step": step, "event": "decide", "swap_cap": frac, "grown": grown, **why, **self.stats()}
+        log(f"{cfg.method} decision at step {step + 1}: {grown} of {why['candidates']} inactive units grown "
+            f"({why['reason']})", mode="off" if self.rank else self.progress)  # fmt: skip
         self.cycles.append(record)
         self._emit("decided", record)
+
+    def _why(self, cfg: IEEConfig, old: dict, new: dict, frac: float, scores: dict) -> dict:
+        """What a decision did and why: ``candidates`` (inactive units it could grow), ``wanted`` (how many of
+        them the criterion ranks into the target set, before the swap cap), ``cap`` and ``reason``."""
+        candidates = sum(int((~m).sum()) for m in old.values())
+        active = sum(int(m.sum()) for m in old.values())
+        if cfg.method != "iee":
+            wanted = None
+        elif cfg.structure == "unstructured":
+            wanted = sum(int((sp.topk_mask(scores[u.name], self.targets[u.name]).cpu() & ~old[u.name]).sum())
+                         for u in self.units)  # fmt: skip
+        else:
+            star = self.channels.greedy(sp.normalize_scores(scores, cfg.channel_score_norm))
+            wanted = sum(int((star[k] & ~old[k]).sum()) for k in old)
+        cap = int(frac * (sum(self.targets.values()) if cfg.structure == "unstructured" else active))
+        grown = sum(int((new[k].cpu() & ~old[k]).sum()) for k in old)
+        if cfg.method != "iee":
+            reason = "rigl: drop the weakest by magnitude, grow by gradient"
+        elif wanted == 0:
+            reason = "no explored unit scores above the weakest active ones"
+        elif grown < wanted:
+            reason = f"capped: {wanted} explored units rank in, the cap allows {cap}"
+        else:
+            reason = "every explored unit that ranks in was grown"
+        return {"candidates": candidates, "wanted": wanted, "cap": cap, "reason": reason}
 
     @torch.no_grad()
     def _fresh_bn_stats(self, grown: dict[str, Tensor]) -> None:

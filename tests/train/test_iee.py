@@ -201,6 +201,26 @@ def test_channel_budget_holds_after_every_decision(method):
         assert events[0]["step"] == 0 and len(events) == 1 + trainer.explore_end // 4
 
 
+@pytest.mark.parametrize("structure", ["channel", "unstructured"])
+def test_every_decision_says_how_many_units_it_swapped_and_why(structure):
+    decisions = []
+
+    def on_event(name, info):
+        if name == "decided":
+            decisions.append(info)
+
+    kw = {"flops_target": 0.3} if structure == "channel" else {"sparsity": 0.8}
+    _run(structure=structure, method="iee", on_event=on_event, **kw)
+    assert decisions
+    for d in decisions:
+        assert {"candidates", "wanted", "cap", "grown", "reason"} <= set(d)
+        assert 0 <= d["grown"] <= d["candidates"] and d["wanted"] >= 0
+        if d["wanted"] == 0:
+            assert d["grown"] == 0 and "no explored unit" in d["reason"]
+        elif d["grown"] < d["wanted"]:
+            assert d["reason"].startswith("capped")
+
+
 # ---------------------------------------------------------------------------------------------- extraction
 @pytest.mark.parametrize("kw", [{}, {"prune_residual": True}])
 def test_channel_masks_extract_to_a_plain_model_equal_to_the_masked_model(kw):
