@@ -68,7 +68,12 @@ def add_parsers(sub) -> None:
 def _common(p: argparse.ArgumentParser) -> None:
     from stp_fast import models
 
-    p.add_argument("--model", required=True, help=f"supernet: {', '.join(models.names())}")
+    p.add_argument("--model", required=True, help=f"a built-in model ({', '.join(models.names())}), your factory "
+                   "'pkg.module:function' (returns an nn.Module), or 'hf:<model_type>' (a Hugging Face image "
+                   "classifier from its config, e.g. hf:vit)")  # fmt: skip
+    p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="an argument of the factory / a field of the Hugging Face config (repeatable), e.g. "
+                        "--model-arg hidden_size=192 --model-arg patch_size=4")  # fmt: skip
     p.add_argument("--dataset", default="digits", help="data set (default digits, see below)")
     p.add_argument("--data", metavar="PATH", help="path for --dataset npz|cifar10|cifar100|imagefolder")
     p.add_argument("--out", metavar="DIR", help="output folder (default: runs/<command>-<model>-<dataset>[-N], new)")
@@ -154,15 +159,34 @@ def _load(args: argparse.Namespace):
     from stp_fast import models
     from stp_fast.data import DatasetError, load_dataset
 
-    if args.model not in models.names():
-        raise UsageError(f"--model {args.model!r} is unknown; known models: {', '.join(models.names())}")
+    if not models.is_known(args.model):
+        raise UsageError(f"--model {args.model!r} is unknown; known models: {', '.join(models.names())}, or a "
+                         "factory 'pkg.module:function', or 'hf:<model_type>'")  # fmt: skip
+    model_args = _model_args(args)
     try:
         ds = load_dataset(args.dataset, args.data, augment=args.augment, train_limit=args.train_limit,
                           image_size=args.image_size, seed=args.seed or 0)  # fmt: skip
     except (DatasetError, ValueError) as exc:
         raise UsageError(str(exc)) from exc
-    net = models.create(args.model, ds.num_classes, ds.in_chans, input_size=ds.input_size)
+    try:
+        net = models.create(args.model, ds.num_classes, ds.in_chans, input_size=ds.input_size, **model_args)
+    except ValueError as exc:  # a factory that cannot be imported or called, a bad config field, a failed conversion
+        raise UsageError(f"--model {args.model!r}: {exc}") from exc
     return ds, net
+
+
+def _model_args(args: argparse.Namespace) -> dict:
+    """``--model-arg KEY=VALUE`` as a dict; values are JSON when they parse (ints, floats, lists), else strings."""
+    out = {}
+    for item in getattr(args, "model_arg", []) or []:
+        key, eq, value = item.partition("=")
+        if not eq or not key.isidentifier():
+            raise UsageError(f"--model-arg {item!r}: expected KEY=VALUE")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
 
 
 def _trainer(args, cfg, ds, net, out: Path, init=None):
