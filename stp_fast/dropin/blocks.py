@@ -43,6 +43,7 @@ class BlockAnalysis:
     skippable: list[str] = field(default_factory=list)
     rejected: dict[str, str] = field(default_factory=dict)
     error: str | None = None
+    program: torch.export.ExportedProgram | None = field(default=None, repr=False)
 
 
 def candidates(model: nn.Module, ignore: Iterable[str] = ()) -> list[str]:
@@ -140,6 +141,25 @@ def check_block(ep: torch.export.ExportedProgram, path: str) -> str | None:
     return None
 
 
+def norm_relu_pairs(ep: torch.export.ExportedProgram) -> set[str]:
+    """Module paths of the BatchNorm layers whose only consumer is a ReLU (their ReLU can be fused into the
+    multi-subnet BatchNorm op: ReLU is idempotent, so the model's own ReLU applied after it changes nothing)."""
+    out = set()
+    for node in ep.graph.nodes:
+        if node.op != "call_function" or _name(node) not in ("batch_norm", "_native_batch_norm_legit_no_training",
+                                                              "_native_batch_norm_legit", "native_batch_norm"):
+            continue
+        users = list(node.users)
+        if _name(node) != "batch_norm":  # tuple-returning variants: the normalised output is item 0
+            items = [u for u in users if u.op == "call_function" and u.args[1:2] == (0,)]
+            users = [w for it in items for w in it.users] if len(items) == 1 else []
+        if len(users) == 1 and users[0].op == "call_function" and _name(users[0]) in ("relu", "relu_"):
+            paths = _paths(node)
+            if paths:
+                out.add(paths[-1])
+    return out
+
+
 def find_blocks(model: nn.Module, args: tuple, kwargs: Mapping | None = None, *,
                 ignore: Iterable[str] = ()) -> BlockAnalysis:  # fmt: skip
     """Skippable blocks of ``model`` for the example inputs (see the module docstring)."""
@@ -152,6 +172,7 @@ def find_blocks(model: nn.Module, args: tuple, kwargs: Mapping | None = None, *,
     except RuntimeError as exc:
         result.error = str(exc)
         return result
+    result.program = ep
     ok = []
     for name in names:
         why = check_block(ep, name)

@@ -210,6 +210,7 @@ def _stages(model, args, kwargs, depth: bool, blocks: Sequence[str] | None, igno
                                   f"data-dependent branch, or pass depth=False and blocks=None") from exc  # fmt: skip
         notes.rejected_blocks = analysis.rejected
         notes.depth_error = analysis.error
+        notes.norm_relu = blocks_mod.norm_relu_pairs(analysis.program) if analysis.program is not None else set()
         names = analysis.skippable
     return names, _group_stages(model, set(names))
 
@@ -289,17 +290,23 @@ def _dim_plans(model: nn.Module, groups: list[Group]) -> dict[str, dict[str, Dim
     return plans
 
 
-def _apply_plans(model: nn.Module, groups: list[Group]) -> None:
+def _apply_plans(model: nn.Module, groups: list[Group], fuse: Iterable[str] = ()) -> None:
+    """Make the members of elastic groups elastic (and the others plain again); ``fuse``: BatchNorm layers
+    whose ReLU the multi-subnet BatchNorm op applies itself."""
     plans = _dim_plans(model, groups)
     for name, module in model.named_modules():
         if name in plans:
             elastic.make_elastic(module, plans[name])
         else:
             elastic.restore(module)
+    for name in fuse:
+        module = dict(model.named_modules()).get(name)
+        if isinstance(module, elastic.ElasticModule):
+            module.__dict__["_stp_fuse_relu"] = True
 
 
 def _build(model, groups, stages, select, notes, example, width_ratios, divisor) -> ConvertedNet:
-    _apply_plans(model, groups)
+    _apply_plans(model, groups, notes.norm_relu)
     modules = dict(model.named_modules())
     for s, stage in enumerate(stages):
         for j, name in enumerate(stage.blocks):
@@ -355,10 +362,10 @@ def _probe_groups(net: ConvertedNet, reference: Tensor, notes: Notes) -> None:
         if why is not None:
             g.frozen = notes.frozen[g.name] = why
             changed = True
-            _apply_plans(net.model, net.channel_groups)
+            _apply_plans(net.model, net.channel_groups, notes.norm_relu)
             net.space = _space(net.channel_groups, net.depth_stages, net.space.width_ratios, net.space.divisor, net.example, None)
     if changed:
-        _apply_plans(net.model, net.channel_groups)
+        _apply_plans(net.model, net.channel_groups, notes.norm_relu)
 
 
 def _probe_depth(net: ConvertedNet, reference: Tensor, notes: Notes) -> None:

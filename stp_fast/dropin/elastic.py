@@ -341,15 +341,24 @@ def _bn_forward(self, x):
     training = self.training or not self.track_running_stats
     buf = self._buffers
 
+    xs = unpack(x, n)
+    # The BN's only consumer is a ReLU (blocks.norm_relu_pairs): apply it here -- unless every arch shares one
+    # plain output, which the model's own (maybe in-place) ReLU then processes as usual.
+    shared = len({(id(xi), id(k)) for xi, k in zip(xs, kepts)}) == 1
+    relu = bool(self.__dict__.get("_stp_fuse_relu")) and not shared
+
     def run(xs_, pos, owner_):
         k = [kepts[p] for p in pos]
         dev = xs_[0].device
         return multi_subnet_batch_norm(xs_, self._parameters["weight"], self._parameters["bias"],
                                        buf.get("running_mean"), buf.get("running_var"), training=training,
-                                       momentum=factor, eps=self.eps, stats_subnet=owner_,
+                                       momentum=factor, eps=self.eps, relu=relu, stats_subnet=owner_,
                                        indices=_index_lists(k, dev))  # fmt: skip
 
-    return pack(_shared(unpack(x, n), [id(k) for k in kepts], owner, run))
+    out = pack(_shared(xs, [id(k) for k in kepts], owner, run))
+    if relu and isinstance(out, Multi):
+        out.relu_done = True  # the model's ReLU right after is then skipped (it would change nothing)
+    return out
 
 
 def _bn_factor(bn: nn.Module, updates: bool) -> float:

@@ -90,6 +90,8 @@ class Multi(Tensor):
         kwargs = kwargs or {}
         if func in _SHAPE_GETTERS:
             return _shape(args[0]) if func is not Tensor.size else _size(args[0], *args[1:], **kwargs)
+        if func in _RELUS and getattr(args[0], "relu_done", False):
+            return args[0]  # a fused BatchNorm+ReLU already applied it (ReLU is idempotent)
         count = _count((args, kwargs))
         mutating = _mutates(func, args, kwargs)
         done: dict[tuple, object] = {}  # members with the very same arguments compute once and share
@@ -133,6 +135,7 @@ def _mutates(func, args: tuple, kwargs: dict) -> bool:
 
 
 _SHAPE_GETTERS = {Tensor.shape.__get__, Tensor.size}
+_RELUS = {F.relu, torch.relu, torch.relu_, Tensor.relu, Tensor.relu_}
 
 
 def _shape(x: Multi):

@@ -43,6 +43,7 @@ class Notes:
     depth_error: str | None = None
     batched: str | None = None  # why forward_many runs the archs one by one (None: batched)
     sorted_by: str | None = None
+    norm_relu: set[str] = field(default_factory=set)  # BatchNorm layers whose only consumer is a ReLU
 
 
 # ---------------------------------------------------------------------------------------------- skippable blocks
