@@ -2,7 +2,8 @@
 
 numpy, scikit-learn, pickle and pillow are imported inside the readers, so importing this module (and
 ``stp_fast``) stays cheap. Every layout problem — a missing path, a missing array or key, a truncated
-or corrupt file, labels out of range, mismatched lengths, images that are not uint8 — raises
+or corrupt file, labels out of range, test labels no training image has, classes implied by a stray
+label that never occur, mismatched lengths, images that are not uint8 — raises
 ``DatasetError`` naming the path and the layout that was expected, never a bare KeyError or a pickle
 traceback.
 """
@@ -21,7 +22,8 @@ from torch import Tensor
 
 NPZ_LAYOUT = (
     "a .npz archive with arrays x_train, y_train, x_test, y_test: uint8 images N×H×W or N×H×W×C "
-    "(C ≤ 4) and integer labels of length N"
+    "(C ≤ 4) and integer labels of length N, 0..K-1 with every class in y_train (or a scalar num_classes "
+    "K declaring classes that have no image)"
 )
 CIFAR10_LAYOUT = (
     "cifar-10-batches-py/ with data_batch_1..data_batch_5 and test_batch (python pickles of dicts with "
@@ -75,6 +77,29 @@ def _check_labels(path: Path | str, y: Any, n: int, what: str, layout: str, num_
     return torch.from_numpy(y.astype(np.int64))
 
 
+def _check_classes(path: Path | str, y_train: Tensor, y_test: Tensor, num_classes: int, layout: str, *,
+                   declared: bool) -> None:  # fmt: skip
+    """The labels against the classes: a test label that no training image has is refused (the model
+    could never predict it); with classes only observed (``declared=False``: K = largest label + 1),
+    so is a class in 0..K-1 that no training image has -- one stray label (1000 among 0..9) would
+    otherwise build a 1001-class model."""
+    seen = torch.zeros(num_classes, dtype=torch.bool)
+    seen[y_train] = True
+    if not declared and not bool(seen.all()):
+        absent = (~seen).nonzero().flatten().tolist()
+        raise _fail(path, f"y_train's largest label {num_classes - 1} implies {num_classes} classes, but {len(absent)} "
+                    f"of them never occur ({_few(absent)}): a stray label? (a scalar num_classes array declares "
+                    "classes without images)", layout)  # fmt: skip
+    unseen = sorted(set(y_test.unique().tolist()) - set(y_train.unique().tolist()))
+    if unseen:
+        raise _fail(path, f"the test labels hold {len(unseen)} class(es) that no training image has "
+                    f"({_few(unseen)})", layout)  # fmt: skip
+
+
+def _few(values: list[int], n: int = 5) -> str:
+    return ", ".join(map(str, values[:n])) + (", ..." if len(values) > n else "")
+
+
 def _to_nchw(path: Path | str, x: Any, what: str, layout: str) -> Tensor:
     """uint8 images N×H×W or N×H×W×C as a contiguous uint8 tensor N×C×H×W."""
     import numpy as np
@@ -122,6 +147,7 @@ def read_npz(path: Path) -> RawData:
                     path, f"missing array(s) {', '.join(missing)} (found {', '.join(z.files) or 'none'})", NPZ_LAYOUT
                 )
             arrays = {k: z[k] for k in ("x_train", "y_train", "x_test", "y_test")}
+            num_classes = z["num_classes"] if "num_classes" in z.files else None
     except DatasetError:
         raise
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
@@ -134,10 +160,24 @@ def read_npz(path: Path) -> RawData:
             f"x_train images are {tuple(x_train.shape[1:])} (C, H, W) but x_test images are {tuple(x_test.shape[1:])}",
             NPZ_LAYOUT,
         )
-    y_train = _check_labels(path, arrays["y_train"], x_train.shape[0], "y_train", NPZ_LAYOUT, None)
-    y_test = _check_labels(path, arrays["y_test"], x_test.shape[0], "y_test", NPZ_LAYOUT, None)
-    num_classes = int(max(y_train.max(), y_test.max() if len(y_test) else 0)) + 1
-    return RawData(x_train, y_train, x_test, y_test, num_classes)
+    declared = _declared_classes(path, num_classes)
+    y_train = _check_labels(path, arrays["y_train"], x_train.shape[0], "y_train", NPZ_LAYOUT, declared)
+    y_test = _check_labels(path, arrays["y_test"], x_test.shape[0], "y_test", NPZ_LAYOUT, declared)
+    k = declared if declared is not None else int(y_train.max()) + 1
+    _check_classes(path, y_train, y_test, k, NPZ_LAYOUT, declared=declared is not None)
+    return RawData(x_train, y_train, x_test, y_test, k)
+
+
+def _declared_classes(path: Path, value: Any) -> int | None:
+    """The npz's optional ``num_classes`` (a scalar integer >= 1), or None."""
+    import numpy as np
+
+    if value is None:
+        return None
+    v = np.asarray(value)
+    if v.ndim != 0 or not np.issubdtype(v.dtype, np.integer) or int(v) < 1:
+        raise _fail(path, f"num_classes must be a scalar integer >= 1, got {v.tolist()!r}", NPZ_LAYOUT)
+    return int(v)
 
 
 # Globals a CIFAR pickle may name: numpy array and dtype reconstruction only (and _codecs.encode,
@@ -217,6 +257,7 @@ def read_cifar(root: Path, num_classes: int) -> RawData:
     x_test, y_test = _read_cifar_batch(base / test_file, label_key, num_classes, layout)
     x_train = torch.cat([p[0] for p in parts])
     y_train = torch.cat([p[1] for p in parts])
+    _check_classes(base, y_train, y_test, num_classes, layout, declared=True)
     return RawData(x_train, y_train, x_test, y_test, num_classes)
 
 

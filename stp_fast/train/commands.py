@@ -1,8 +1,9 @@
 """The training subcommands of ``stp-fast``: ``prune``, ``train`` and ``eval``.
 
 Bad input (an unknown model or data set, a target outside (0, 1), missing or corrupt data, a
-checkpoint of another model, an output folder holding an earlier run) and a diverged run end with a
-one-line error on stderr and exit code 2, before anything of an earlier run is touched.
+checkpoint of another model or data set, an output folder that is not writable or holds an earlier
+run) and a diverged run end with a one-line error on stderr and exit code 2, before any training and
+before anything of an earlier run is touched.
 """
 
 from __future__ import annotations
@@ -12,12 +13,16 @@ import dataclasses
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 EXIT_BAD_INPUT = 2
 SPARSE_METHODS = ("iee", "rigl", "oneshot")  # stp_fast.train.iee.IEE_METHODS (not imported: keeps --help fast)
-RUN_FILES = ("checkpoint.pt", "report.json", "pruned.pt", "dense.pt", "metrics.jsonl", "arch.json")
+# Every file a run writes (and pruned.pt, the TorchScript of older runs): an output folder holding any is refused.
+RUN_FILES = ("checkpoint.pt", "dense.pt", "pruned.pt2", "pruned_state_dict.pt", "pruned.pt", "arch.json", "report.json",
+             "report.md", "pareto.png", "metrics.jsonl")  # fmt: skip
+MODEL_FILES = ("pruned.pt2", "dense.pt", "checkpoint.pt", "pruned.pt")  # what `eval` reads
 
 
 class UsageError(Exception):
@@ -55,8 +60,9 @@ def add_parsers(sub) -> None:
     _common(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="top-1 of a pruned.pt (TorchScript) or a checkpoint on a data set's test split")
-    p.add_argument("--model", required=True, metavar="FILE", help="pruned.pt, dense.pt or checkpoint.pt")
+    p = sub.add_parser("eval", help="top-1 of a pruned.pt2 (torch.export) or a checkpoint on a data set's test split")
+    p.add_argument("--model", required=True, metavar="FILE", help="pruned.pt2, dense.pt or checkpoint.pt (or the "
+                   "TorchScript pruned.pt of older runs)")  # fmt: skip
     p.add_argument("--dataset", default="digits", help="data set (default digits)")
     p.add_argument("--data", metavar="PATH", help="path for --dataset npz|cifar10|cifar100|imagefolder")
     p.add_argument("--image-size", type=int, help="resize images to this size (imagefolder default 64)")
@@ -131,9 +137,11 @@ def _parse_value(key: str, text: str, default):
 
 
 def _out_dir(args: argparse.Namespace, command: str) -> Path:
-    """The output folder; refuses one that holds an earlier run unless --resume."""
+    """The output folder, checked before any data is read or any epoch trained: it must be a folder
+    (or creatable), writable, and hold no earlier run's files (with --resume: a checkpoint.pt)."""
     if args.out:
-        out = Path(args.out)
+        out = Path(args.out).expanduser()
+        _check_writable(out, f"--out {str(out)!r}")
         earlier = [f for f in RUN_FILES if (out / f).exists()]
         if args.resume:
             if not (out / "checkpoint.pt").exists():
@@ -152,10 +160,37 @@ def _out_dir(args: argparse.Namespace, command: str) -> Path:
     while out.exists():
         n += 1
         out = base.with_name(f"{base.name}-{n}")
+    _check_writable(out, f"output folder {str(out)!r} (the default; --out DIR names another)")
     return out
 
 
-def _load(args: argparse.Namespace):
+def _check_writable(out: Path, what: str) -> None:
+    """UsageError unless ``out`` is a folder that can be written, or can be created: probed by making
+    and removing a temporary entry in it (or in its nearest existing parent), so a read-only folder, a
+    file in the way or an impossible path fails now, not when the first epoch's checkpoint is saved."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{what} is a file, not a folder")
+    base = out
+    while not base.exists() and base != base.parent:  # the nearest existing parent: missing folders go there
+        base = base.parent
+    if not base.is_dir():
+        raise UsageError(f"{what} cannot be created: {str(base)!r} is a file")
+    try:
+        if base == out:
+            fd, probe = tempfile.mkstemp(prefix=".stp-fast-probe-", dir=out)
+            os.close(fd)
+            os.unlink(probe)
+        else:
+            os.rmdir(tempfile.mkdtemp(prefix=".stp-fast-probe-", dir=base))
+    except OSError as exc:
+        problem = "is not writable" if base == out else f"cannot be created in {str(base)!r}"
+        raise UsageError(f"{what} {problem} ({exc.strerror or type(exc).__name__})") from exc
+
+
+def _load(args: argparse.Namespace, seed: int):
+    """The data set and the model; the model's initial weights are drawn from ``seed`` (the run's)."""
+    import torch
+
     from stp_fast import models
     from stp_fast.data import DatasetError, load_dataset
 
@@ -165,9 +200,10 @@ def _load(args: argparse.Namespace):
     model_args = _model_args(args)
     try:
         ds = load_dataset(args.dataset, args.data, augment=args.augment, train_limit=args.train_limit,
-                          image_size=args.image_size, seed=args.seed or 0)  # fmt: skip
+                          image_size=args.image_size, seed=seed)  # fmt: skip
     except (DatasetError, ValueError) as exc:
         raise UsageError(str(exc)) from exc
+    torch.manual_seed(seed)  # two identical commands start from identical weights (and DDP ranks agree)
     try:
         net = models.create(args.model, ds.num_classes, ds.in_chans, input_size=ds.input_size, **model_args)
     except ValueError as exc:  # a factory that cannot be imported or called, a bad config field, a failed conversion
@@ -242,7 +278,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     else:
         cfg = _config(args, method=args.method, flops_target=args.flops_target)
     out = _out_dir(args, "prune")
-    ds, net = _load(args)
+    ds, net = _load(args, cfg.seed)
     trainer = _trainer(args, cfg, ds, net, out, init=args.init)
     result = _fit(trainer)
     if not _is_rank0():  # DDP: rank 0 writes the outputs
@@ -255,22 +291,33 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
         extra |= iee.report_extra(result, cfg)
     rep = report.build_report(result, model=args.model, dataset=ds.name, method=args.method, extra=extra)
-    report.save_torchscript(result.pruned_model, out / "pruned.pt")
+    _write_prune_outputs(out, rep, result, ds, sparse=sparse, unstructured=sparse and cfg.structure == "unstructured")
+    print(summary_table(rep))
+    print(f"wrote {out}/: pruned.pt2 pruned_state_dict.pt arch.json report.json report.md "
+          f"{'' if sparse else 'pareto.png '}metrics.jsonl checkpoint.pt")  # fmt: skip
+    return 0
+
+
+def _write_prune_outputs(out: Path, rep: dict, result, ds, *, sparse: bool, unstructured: bool) -> None:
+    """Everything ``prune`` writes after training: the pruned model (a torch.export program and its state
+    dict), arch.json, report.md, pareto.png, metrics.jsonl and report.json."""
+    from stp_fast.train import iee, report
     from stp_fast.train.checkpoint import write_text_atomic
 
-    unstructured = sparse and cfg.structure == "unstructured"  # arch.json: the per-layer densities instead
+    # arch.json: the chosen arch, or for unstructured sparsity the per-layer densities
     arch = {"sparsity": result.pruned["sparsity"], "densities": result.densities} if unstructured else \
         result.pruned["arch"]  # fmt: skip
+    report.save_state_dict(result.pruned_model, out / "pruned_state_dict.pt")
+    example = next(iter(ds.source("test").loader(2)))[0]
+    meta = {"dataset": ds.name, "num_classes": ds.num_classes, "input_size": list(ds.input_size),
+            "normalization": rep["normalization"], "arch": arch}  # fmt: skip
+    report.save_program(result.pruned_model, example, out / "pruned.pt2", metadata=meta)
     write_text_atomic(out / "arch.json", json.dumps(arch, indent=2, sort_keys=True) + "\n")
     write_text_atomic(out / "report.md", iee.render_markdown(rep) if sparse else report.render_markdown(rep))
     if not sparse:  # IEE has no architecture pool: no pareto.png
         report.plot_pareto(out / "pareto.png", rep)
     report.write_metrics(out / "metrics.jsonl", result.history, final=_final_metrics(rep))
     write_text_atomic(out / "report.json", json.dumps(rep, indent=2) + "\n")
-    print(summary_table(rep))
-    print(f"wrote {out}/: pruned.pt arch.json report.json report.md {'' if sparse else 'pareto.png '}"
-          "metrics.jsonl checkpoint.pt")  # fmt: skip
-    return 0
 
 
 def _sparse_config(args: argparse.Namespace):
@@ -297,11 +344,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = _config(args, method="dense", subnets_per_step=0)
     out = _out_dir(args, "train")
-    ds, net = _load(args)
+    ds, net = _load(args, cfg.seed)
     trainer = _trainer(args, cfg, ds, net, out)
     result = _fit(trainer)
     if not _is_rank0():
         return 0
+    result.full["top1"] = _recalibrate_for_saving(trainer)
     state = trainer._state(result.wall_s) | {"kind": "dense", "optimizer": None, "scheduler": None, "pool": None}
     save_atomic(state, out / "dense.pt")
     rep = {"model": args.model, "dataset": ds.name, "method": "dense", "full": result.full, "wall_s": result.wall_s,
@@ -314,16 +362,29 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    import torch
-
-    from stp_fast import models
-    from stp_fast.data import DatasetError, load_dataset
-    from stp_fast.train import CheckpointError
-    from stp_fast.train import checkpoint as ckpt
+def _recalibrate_for_saving(trainer) -> float:
+    """Recalibrate the trained net's own BatchNorm statistics (the images and order of the trainer's
+    recalibration of its dense model) so that ``dense.pt`` holds them, and return the top-1 of the net
+    as saved: the number ``stp-fast eval dense.pt`` then reproduces to the digit (on the same device)."""
+    from stp_fast.nn.bn import recalibrate_bn
     from stp_fast.train.evaluate import evaluate
 
-    path = Path(args.model)
+    cfg = trainer.config
+    calib = trainer.train.loader(min(256, cfg.calib_images), shuffle=True, seed=cfg.seed, epoch=10**6)
+    recalibrate_bn(trainer.net, calib, cfg.calib_images, forward=trainer._call)
+    return evaluate(trainer._wrap(trainer.net), trainer.val, trainer.device)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from stp_fast.data import DatasetError, load_dataset
+    from stp_fast.train.evaluate import evaluate
+
+    path = Path(args.model).expanduser()
+    if path.is_dir():
+        found = [f for f in MODEL_FILES if (path / f).is_file()]
+        hint = f"; it holds {', '.join(found)}: pass e.g. --model {path / found[0]}" if found else \
+            f"; pass a model file ({', '.join(MODEL_FILES)})"  # fmt: skip
+        raise UsageError(f"--model {str(path)!r} is a folder, not a model file{hint}")
     if not path.is_file():
         raise UsageError(f"--model {str(path)!r} does not exist")
     try:
@@ -331,28 +392,65 @@ def cmd_eval(args: argparse.Namespace) -> int:
     except (DatasetError, ValueError) as exc:
         raise UsageError(str(exc)) from exc
     start = time.perf_counter()
+    model, kind, classes, norm = _eval_model(path)
+    if norm and norm.get("mean") and len(norm["mean"]) == ds.in_chans:  # the images as the model saw them in training
+        ds.mean, ds.std = tuple(norm["mean"]), tuple(norm["std"])  # (another --train-limit: other statistics)
+    test = ds.source("test")
     try:
-        model = torch.jit.load(str(path), map_location="cpu")
-        kind = "torchscript"
-    except Exception:
-        try:
-            data = ckpt.load(path)
-            net = models.create(data["model"], data["num_classes"], data["in_chans"], **data.get("model_kwargs", {}))
-            ckpt.load_weights(net, data, path)
-        except (CheckpointError, ValueError, KeyError, TypeError) as exc:
-            raise UsageError(f"--model {str(path)!r} is neither a TorchScript model nor a usable stp_fast "
-                             f"checkpoint: {exc}") from exc  # fmt: skip
-        model, kind = net, f"checkpoint ({data['model']}, full net)"
-    try:
-        top1 = evaluate(model, ds.source("test"), batch_size=args.batch_size)
-    except RuntimeError as exc:
-        raise UsageError(f"--model {str(path)!r} does not fit {ds.name} images {ds.input_size}: "
-                         f"{str(exc).splitlines()[0]}") from exc  # fmt: skip
+        if classes is None:  # a program: the width of its output is its class count
+            classes = _output_width(model, next(iter(test.loader(2)))[0])
+        if classes != ds.num_classes:  # a top-1 over other classes would mean nothing
+            raise UsageError(f"--model {str(path)!r} predicts {classes} classes but {ds.name} has "
+                             f"{ds.num_classes}: it was trained on another data set")  # fmt: skip
+        top1 = evaluate(model, test, batch_size=args.batch_size)
+    except (RuntimeError, AssertionError) as exc:  # a program's shape guards raise AssertionError
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"--model {str(path)!r} does not fit {ds.name} images {ds.input_size}: {first}") from exc
     result = {"model": str(path), "kind": kind, "dataset": ds.name, "test_images": ds.test_size, "top1": top1,
               "wall_s": time.perf_counter() - start}  # fmt: skip
     print(json.dumps(result, indent=2) if args.json else
           f"{path}: top-1 {100 * top1:.2f}% on {ds.name} test ({ds.test_size} images, {kind})")  # fmt: skip
     return 0
+
+
+def _eval_model(path: Path):
+    """What ``eval`` runs: ``(model, kind, classes, normalization)`` of a torch.export program, an older
+    TorchScript ``pruned.pt`` (classes None: read from the output) or an stp_fast checkpoint (its full
+    net); ``normalization`` is ``{"mean", "std"}`` of the training images when the file records it."""
+    from stp_fast import models
+    from stp_fast.train import CheckpointError, report
+    from stp_fast.train import checkpoint as ckpt
+    from stp_fast.train.trainer import _Logits
+
+    kind = report.model_file_kind(path)
+    if kind in ("program", "torchscript"):
+        try:
+            model, what, meta = report.load_model_file(path)
+        except ValueError as exc:
+            raise UsageError(f"--model {exc}") from exc
+        return model, what, None, meta.get("normalization")
+    if kind == "unknown":  # not a zip archive: every file stp_fast writes is one
+        raise UsageError(f"--model {str(path)!r} is not a model file stp_fast reads ({', '.join(MODEL_FILES)}): "
+                         "it is corrupt, truncated, or another kind of file")  # fmt: skip
+    try:
+        data = ckpt.load(path)
+        net = models.create(data["model"], data["num_classes"], data["in_chans"], **data.get("model_kwargs", {}))
+        ckpt.load_weights(net, data, path)
+    except CheckpointError as exc:
+        raise UsageError(str(exc)) from exc
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UsageError(f"--model {str(path)!r}: not a usable stp_fast checkpoint ({type(exc).__name__}: "
+                         f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''})") from exc  # fmt: skip
+    pick = getattr(net, "outputs", None)  # a converted model's logits selector
+    model = _Logits(net, pick) if pick is not None else net
+    return model, f"checkpoint ({data['model']}, full net)", int(data["num_classes"]), data.get("data")
+
+
+def _output_width(model, x) -> int:
+    import torch
+
+    with torch.no_grad():
+        return int(model(x).shape[-1])
 
 
 def _final_metrics(rep: dict) -> dict:
@@ -361,17 +459,22 @@ def _final_metrics(rep: dict) -> dict:
 
 def summary_table(rep: dict) -> str:
     """The short table ``prune`` ends with: dense vs pruned top-1, MACs, params, wall time."""
+    from stp_fast.train.iee import full_row_label, full_row_note
+
     full, pruned = rep["full"], rep["pruned"]
+    label = full_row_label(rep)  # "dense", or for IEE the model its top-1 is of (maybe the untrained start net)
+    width = max(10, len(label))
     rows = [("", "top-1", "MACs", "params"),
-            ("dense", f"{100 * full['top1']:.2f}%", f"{full['macs'] / 1e6:.2f}M", f"{full['params'] / 1e3:.1f}k"),
+            (label, f"{100 * full['top1']:.2f}%", f"{full['macs'] / 1e6:.2f}M", f"{full['params'] / 1e3:.1f}k"),
             ("pruned", f"{100 * pruned['top1']:.2f}%", f"{pruned['macs'] / 1e6:.2f}M",
              f"{pruned['params'] / 1e3:.1f}k")]
-    lines = ["  ".join(f"{c:>10}" for c in r) for r in rows]
+    lines = ["  ".join(f"{c:>{width if i == 0 else 10}}" for i, c in enumerate(r)) for r in rows]
     params_cut = 100 * (1 - pruned["params"] / full["params"])
     tuned = "fine-tuned" if rep["fine_tuned"] else "no fine-tuning"
     lines.append(f"MACs -{100 * rep['flops_reduction']:.1f}%, params -{params_cut:.1f}%, "
                  f"{tuned} (BN recalibrated); wall time {rep['wall_s']:.0f} s on {rep['device']}")  # fmt: skip
-    return "\n".join(lines)
+    note = full_row_note(rep)
+    return "\n".join([*lines, note] if note else lines)
 
 
 def _version() -> str:

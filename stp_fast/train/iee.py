@@ -184,6 +184,7 @@ class IEETrainer:
         self.out_dir = Path(out_dir) if out_dir else None
         self.rank, self.world_size, self.device = dist_utils.setup(cfg.device)
         self.train, self.val = as_source(train_set), as_source(val_set)
+        self.data_id = ckpt.data_identity(self.train, self.val)  # recorded in checkpoints; resume checks it
         if len(self.train) < cfg.batch_size * self.world_size:
             raise ValueError(f"batch_size={cfg.batch_size}: the training set has only {len(self.train)} images "
                              f"(x {self.world_size} ranks)")  # fmt: skip
@@ -545,7 +546,7 @@ class IEETrainer:
         if cfg.structure == "unstructured":
             pruned |= {"sparsity": self.stats()["sparsity"], "densities": densities}
         of = "the dense net at the prune point" if cfg.method == "oneshot" else \
-            ("the --init checkpoint" if self.from_init else "the initial (untrained) net")  # fmt: skip
+            ("the --init checkpoint" if self.from_init else UNTRAINED)  # fmt: skip
         return IEEResult(arch, full, pruned, [], [], self.history, self.budget, self.input_size, str(self.device),
                          wall_s, pruned_model=plain, structure=cfg.structure, densities=densities,
                          cycles=self.cycles, skipped_groups=self.skipped, full_top1_of=of)  # fmt: skip
@@ -555,7 +556,8 @@ class IEETrainer:
         iee = {"masks": self.state.state_dict(), "criterion": self.criterion.state_dict(), "pruned": self.pruned,
                "cycles": self.cycles, "dense_top1": self.dense_top1}  # fmt: skip
         return ckpt.run_state(self.net, self.config, epoch=self.epoch, optimizer=self.optimizer,
-                              scheduler=self.scheduler, history=self.history, wall_s=wall_s, iee=iee)  # fmt: skip
+                              scheduler=self.scheduler, history=self.history, wall_s=wall_s, data_id=self.data_id,
+                              iee=iee)  # fmt: skip
 
     def _save(self, wall_s: float) -> None:
         if self.out_dir is not None:
@@ -565,7 +567,8 @@ class IEETrainer:
         if self.out_dir is None:
             raise ValueError("resume=True needs out_dir (where the checkpoint is)")
         path = self.out_dir / CHECKPOINT
-        data = ckpt.restore_run(path, self.net, self.config, self.optimizer, self.scheduler, require="iee")
+        data = ckpt.restore_run(path, self.net, self.config, self.optimizer, self.scheduler, require="iee",
+                                data_id=self.data_id)  # fmt: skip
         iee = data["iee"]
         self.state.load_state_dict(iee["masks"])
         self.criterion.load_state_dict(iee["criterion"])
@@ -586,6 +589,26 @@ def report_extra(result: IEEResult, config: IEEConfig) -> dict:
                                   else "")}  # fmt: skip
 
 
+UNTRAINED = "the initial (untrained) net"
+
+
+def full_row_label(rep: dict) -> str:
+    """The name of a report's "full" row: IEE trains no dense model of its own, so without ``--init``
+    that row is the untrained start net -- never called "dense" then."""
+    of = rep.get("full_top1_of")
+    if of == UNTRAINED:
+        return "untrained start"
+    return f"dense ({of})" if of else "dense"
+
+
+def full_row_note(rep: dict) -> str | None:
+    """The sentence under the table that says plainly when there is no trained dense model to compare with."""
+    if rep.get("full_top1_of") != UNTRAINED:
+        return None
+    return ("No dense model was trained with this recipe: the first row is the network before training. "
+            "For a dense reference train one (`stp-fast train`) and prune from it with --init.")
+
+
 def render_markdown(rep: dict) -> str:
     """``report.md`` of an IEE/RigL/one-shot run: summary, protocol, and per-layer densities or the arch."""
     full, pruned = rep["full"], rep["pruned"]
@@ -595,7 +618,7 @@ def render_markdown(rep: dict) -> str:
     lines = [
         f"# stp_fast prune: {rep['model']} on {rep['dataset']} ({rep['method']}, {rep['structure']})", "",
         "| model | top-1 | MACs | params |", "|---|---:|---:|---:|",
-        f"| dense ({rep['full_top1_of']}) | {100 * full['top1']:.2f}% | {full['macs'] / 1e6:.3f}M | {full['params']} |",
+        f"| {full_row_label(rep)} | {100 * full['top1']:.2f}% | {full['macs'] / 1e6:.3f}M | {full['params']} |",
         f"| pruned | {100 * pruned['top1']:.2f}% | {pruned['macs'] / 1e6:.3f}M "
         f"({100 * pruned['macs'] / full['macs']:.1f}%) | {pruned['params']} |", "",
         f"{target}; MACs reduction {100 * rep['flops_reduction']:.1f}%; "
@@ -603,6 +626,8 @@ def render_markdown(rep: dict) -> str:
         f"{len([c for c in rep['cycles'] if c['event'] == 'decide'])} prune-and-grow decisions; "
         f"{rep['wall_s']:.0f} s on {rep['device']}.", "",
     ]  # fmt: skip
+    if full_row_note(rep):
+        lines += [full_row_note(rep), ""]
     if unstructured:
         lines += [f"Achieved sparsity {100 * pruned['sparsity']:.2f}%.", "", "| layer | density |", "|---|---:|"]
         lines += [f"| {k} | {v:.4f} |" for k, v in pruned["densities"].items()]

@@ -111,6 +111,7 @@ class STPTrainer:
         cfg = self.config
         source = as_source(train_set)
         self.val = as_source(val_set)
+        self.data_id = ckpt.data_identity(source, self.val)  # recorded in checkpoints; resume checks it
         n_hold = _holdout_count(cfg.holdout, len(source))
         order = torch.randperm(len(source), generator=torch.Generator().manual_seed(cfg.seed + 7919))
         self.holdout = source.subset(order[:n_hold]) if n_hold else None
@@ -262,7 +263,7 @@ class STPTrainer:
     def _state(self, wall_s: float) -> dict:
         return ckpt.run_state(self.net, self.config, epoch=self.epoch, optimizer=self.optimizer,
                               scheduler=self.scheduler, history=self.history, wall_s=wall_s,
-                              stp=self.step.state_dict())  # fmt: skip
+                              data_id=self.data_id, stp=self.step.state_dict())  # fmt: skip
 
     def _save(self, wall_s: float) -> None:
         if self.out_dir is not None:
@@ -272,7 +273,8 @@ class STPTrainer:
         if self.out_dir is None:
             raise ValueError("resume=True needs out_dir (where the checkpoint is)")
         path = self.out_dir / CHECKPOINT
-        data = ckpt.restore_run(path, self.net, self.config, self.optimizer, self.scheduler, require="stp")
+        data = ckpt.restore_run(path, self.net, self.config, self.optimizer, self.scheduler, require="stp",
+                                data_id=self.data_id)  # fmt: skip
         self.step.load_state_dict(data["stp"])
         self.epoch, self.history = int(data["epoch"]), list(data["history"])
         self.wall_before = float(data["wall_s"])
@@ -306,8 +308,10 @@ def _pool_rows(pool, full_macs: float) -> list[dict]:
 def train_epochs(trainer) -> float:
     """Run ``trainer._train_epoch`` for the epochs left, record each epoch's history, checkpoint and
     call ``on_epoch`` after it (rank 0); return the run's wall time so far (resumed runs included).
-    Shared by STPTrainer and IEETrainer."""
+    A fresh run seeds torch's RNG with ``config.seed`` first.  Shared by STPTrainer and IEETrainer."""
     start = time.perf_counter() - trainer.wall_before
+    if trainer.epoch == 0:  # a fresh run: what draws from torch's RNG (dropout...) follows the seed; a resumed
+        torch.manual_seed(trainer.config.seed)  # one has the RNG state its checkpoint saved
     for epoch in range(trainer.epoch, trainer.config.epochs):
         record = trainer._train_epoch(epoch)
         record["wall_s"] = time.perf_counter() - start

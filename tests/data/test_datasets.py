@@ -94,9 +94,9 @@ def test_npz_nhw_and_both_spec_forms(tmp_path):
 def test_npz_nhwc(tmp_path):
     rng = np.random.default_rng(1)
     xtr, xte = _rand_images(rng, 16, 16, 16, 3), _rand_images(rng, 4, 16, 16, 3)
-    p = _write_npz(tmp_path / "rgb.npz", xtr, np.arange(16) % 5, xte, np.array([0, 1, 2, 9]))
+    p = _write_npz(tmp_path / "rgb.npz", xtr, np.arange(16) % 5, xte, np.array([0, 1, 2, 4]))
     ds = load_dataset(f"npz:{p}")
-    assert (ds.in_chans, ds.input_size, ds.num_classes, ds.crop_pad) == (3, (3, 16, 16), 10, 2)
+    assert (ds.in_chans, ds.input_size, ds.num_classes, ds.crop_pad) == (3, (3, 16, 16), 5, 2)
     assert torch.equal(ds.x_train, torch.from_numpy(xtr).permute(0, 3, 1, 2))
     x, y = next(iter(ds.loader("test", batch_size=3)))
     assert x.shape == (3, 3, 16, 16) and x.dtype == torch.float32 and y.tolist() == [0, 1, 2]
@@ -122,9 +122,14 @@ def _write_cifar(root: Path, kind: str, rng, n_per_file: int = 4) -> dict:
     }[kind]
     (root / folder).mkdir(parents=True)
     written = {}
+    train_labels: list[int] = []
     for name in files:
         data = rng.integers(0, 256, size=(n_per_file, 3072), dtype=np.uint8)
-        labels = [int(v) for v in rng.integers(0, classes, size=n_per_file)]
+        if name.startswith("test"):  # only classes that have training images (others are refused)
+            labels = [int(v) for v in rng.choice(train_labels, size=n_per_file)]
+        else:
+            labels = [int(v) for v in rng.integers(0, classes, size=n_per_file)]
+            train_labels += labels
         d = {b"data": data, key: labels, b"batch_label": b"synthetic"}
         if kind == "cifar100":
             d[b"coarse_labels"] = [v // 5 for v in labels]
@@ -328,6 +333,36 @@ def test_npz_errors(tmp_path):
     _npz_error(_write_npz(tmp_path / "shape.npz", x, y, x[:, :4], y), "x_test images are")
     np.savez(tmp_path / "obj.npz", x_train=np.array([x, "a"], dtype=object), y_train=y, x_test=x, y_test=y)
     _npz_error(tmp_path / "obj.npz", "cannot read")  # object arrays need pickle: refused
+
+
+def test_npz_labels_are_checked_against_the_classes(tmp_path):
+    """One stray label must not build a 1001-class model, and test labels no training image has are
+    refused; a declared num_classes allows classes without images."""
+    rng = np.random.default_rng(9)
+    x, y = _rand_images(rng, 12, 5, 5), np.arange(12) % 4
+    stray = y.copy()
+    stray[5] = 1000
+    _npz_error(_write_npz(tmp_path / "stray.npz", x, stray, x, y), "largest label 1000 implies 1001 classes, but 996 "
+               "of them never occur \\(4, 5, 6, 7, 8, ...\\): a stray label")  # fmt: skip
+    _npz_error(_write_npz(tmp_path / "unseen.npz", x, y, x, np.where(y == 3, 9, y)), r"class\(es\) that no training "
+               r"image has \(9\)")  # fmt: skip
+    _npz_error(_write_npz(tmp_path / "unseen3.npz", x, y % 3, x, y), r"no training image has \(3\)")
+    ok = load_dataset(f"npz:{_write_npz(tmp_path / 'decl.npz', x, y, x, y, num_classes=np.int64(6))}")
+    assert ok.num_classes == 6
+    _npz_error(_write_npz(tmp_path / "decl2.npz", x, y, x, y, num_classes=np.int64(3)), "label 3, out of range 0..2")
+    _npz_error(_write_npz(tmp_path / "decl3.npz", x, y, x, y, num_classes=np.array([4, 4])), "num_classes must be")
+
+
+def test_cifar_test_labels_without_training_images_are_refused(tmp_path):
+    _write_cifar(tmp_path, "cifar10", np.random.default_rng(10))
+    folder = tmp_path / "cifar-10-batches-py"
+    for i in range(1, 6):
+        with open(folder / f"data_batch_{i}", "wb") as f:
+            pickle.dump({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 1]}, f)
+    with open(folder / "test_batch", "wb") as f:
+        pickle.dump({b"data": np.zeros((2, 3072), np.uint8), b"labels": [1, 7]}, f)
+    with pytest.raises(DatasetError, match=r"no training image has \(7\)"):
+        load_dataset(f"cifar10:{tmp_path}")
 
 
 def _cifar_error(spec: str, path: Path, match: str):

@@ -322,7 +322,7 @@ FAST = ["--model", "resnet20", "--epochs", "1", "--set", "cycle_steps=5", "--set
 def test_cli_prune_iee_unstructured_end_to_end(tmp_path, capsys):
     out = tmp_path / "u"
     assert main(["prune", "--method", "iee", "--sparsity", "0.8", "--out", str(out), *FAST]) == 0
-    assert {"pruned.pt", "arch.json", "report.json", "report.md", "metrics.jsonl", "checkpoint.pt"} <= \
+    assert {"pruned.pt2", "arch.json", "report.json", "report.md", "metrics.jsonl", "checkpoint.pt"} <= \
         {p.name for p in out.iterdir()}  # fmt: skip
     rep = json.loads((out / "report.json").read_text())
     assert rep["method"] == "iee" and rep["structure"] == "unstructured" and rep["fine_tuned"] is False
@@ -330,13 +330,13 @@ def test_cli_prune_iee_unstructured_end_to_end(tmp_path, capsys):
     assert sum(c["event"] == "decide" for c in rep["cycles"]) == 3  # steps 5, 10, 15 of 22 (16 explore)
     arch = json.loads((out / "arch.json").read_text())
     assert arch["densities"] == rep["pruned"]["densities"] and max(arch["densities"].values()) <= 1
-    model = torch.jit.load(str(out / "pruned.pt"))
+    model = torch.export.load(str(out / "pruned.pt2")).module()
     weights = [p for n, p in model.named_parameters() if n in arch["densities"]]
     zeros = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
     assert abs(zeros - 0.8) < 1e-3
     assert "sparsity 80.0% (ERK)" in (out / "report.md").read_text()
     capsys.readouterr()
-    assert main(["eval", "--model", str(out / "pruned.pt"), "--dataset", "digits", "--json"]) == 0
+    assert main(["eval", "--model", str(out / "pruned.pt2"), "--dataset", "digits", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["top1"] == pytest.approx(rep["pruned"]["top1"])
 
 
@@ -347,7 +347,7 @@ def test_cli_prune_iee_channel_end_to_end(tmp_path):
     rep = json.loads((out / "report.json").read_text())
     assert rep["structure"] == "channel" and rep["pruned"]["macs"] <= 0.3 * rep["full"]["macs"]
     assert json.loads((out / "arch.json").read_text()) == rep["pruned"]["arch"]
-    model = torch.jit.load(str(out / "pruned.pt"))
+    model = torch.export.load(str(out / "pruned.pt2")).module()
     assert sum(p.numel() for p in model.parameters()) == rep["pruned"]["params"]
     assert model(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
 

@@ -18,10 +18,10 @@ TINY = dict(epochs=2, batch_size=25, pool_size=6, final_candidates=2, calib_imag
 pytestmark = pytest.mark.usefixtures("one_thread")  # small nets: threads only add overhead
 
 
-def _run(out=None, *, resume=False, stop_after=None, init_seed=0, on_epoch=None, **cfg):
+def _run(out=None, *, resume=False, stop_after=None, init_seed=0, on_epoch=None, data_seed=1, **cfg):
     torch.manual_seed(init_seed)
     net = models.create("resnet20", 3, 1)
-    train, val = synthetic()
+    train, val = synthetic(seed=data_seed)
 
     class Stop(Exception):
         pass
@@ -70,6 +70,27 @@ def test_resume_refuses_a_different_config(tmp_path):
         _run(tmp_path, epochs=2, resume=True, lr=0.01)
 
 
+def test_resume_refuses_a_checkpoint_of_another_data_set(tmp_path):
+    _run(tmp_path, epochs=2, stop_after=1)
+    assert ckpt.load(tmp_path / "checkpoint.pt")["data"]["train_size"] == 200
+    with pytest.raises(CheckpointError, match=r"trained on another data set \(other labels or images\)"):
+        _run(tmp_path, epochs=2, resume=True, data_seed=2)  # same sizes, classes and shapes
+
+
+def test_training_draws_from_torch_rng_seeded_by_config_seed(tmp_path):
+    """What draws from torch's global RNG while training (dropout, a user's layers) follows config.seed,
+    whatever the process drew before."""
+    states = []
+    for before in (1, 2):
+        torch.manual_seed(0)
+        net = models.create("resnet20", 3, 1)
+        torch.manual_seed(before)
+        trainer = STPTrainer(net, *synthetic(), STPConfig(**TINY | {"epochs": 1, "seed": 5}), progress="off",
+                             on_epoch=lambda _r: states.append(torch.get_rng_state()))  # fmt: skip
+        trainer.fit()
+    assert torch.equal(states[0], states[1])
+
+
 def test_checkpoints_are_atomic_and_weights_only(tmp_path):
     _run(tmp_path, epochs=1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]  # no temporary files left
@@ -105,7 +126,7 @@ def test_init_from_a_checkpoint_of_another_model_is_refused(tmp_path):
 
 
 def test_two_budgets_in_one_run_give_one_arch_and_model_each():
-    net, res = _run(epochs=1, flops_target=[0.3, 0.15])
+    _net, res = _run(epochs=1, flops_target=[0.3, 0.15])
     assert [b["target"] for b in res.budgets] == [0.3, 0.15]
     for b, model in zip(res.budgets, res.pruned_models):
         assert b["macs"] <= b["target"] * res.full["macs"] and 0 <= b["top1"] <= 1
