@@ -11,10 +11,12 @@ from stp_fast.nn import recalibrate_bn
 
 
 def extract(net, arch):
-    """The plain ``torch.nn`` model (a ``torch.fx.GraphModule``) of subnet ``arch`` of supernet ``net``.
+    """The plain ``torch.nn`` model of subnet ``arch`` of supernet ``net``: for a converted net (every built-in
+    model) the model's own class with physically smaller layers and the dropped blocks removed.
 
     It holds copies of the sliced weights and BatchNorm statistics, runs without stp_fast, scripts
-    with TorchScript and exports to ONNX; in eval mode its output equals ``net(x, arch=arch)``."""
+    with TorchScript (where the model's code does) and exports to ONNX; in eval mode its output equals
+    ``net(x, arch=arch)``."""
     return net.extract(arch)
 
 

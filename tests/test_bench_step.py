@@ -22,7 +22,8 @@ def _archs(net, count=4, seed=0):
 
 @pytest.mark.parametrize(
     "name,kw,size",
-    [("resnet20", {}, 16), ("resnet20", {"prune_residual": True}, 16)],
+    [("resnet20", {}, 16), ("resnet20", {"prune_residual": True}, 16),
+     ("resnet50", {"width_mult": 0.125, "prune_residual": True}, 48)],
 )  # fmt: skip
 def test_baselines_compute_the_subnet(name, kw, size):
     """masked and sliced logits == net(x, arch=a) in train mode (per-subnet batch statistics), up to the float

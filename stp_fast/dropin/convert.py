@@ -266,6 +266,8 @@ def _is_stream(g: Group, modules: dict, blocks: Sequence[str]) -> bool:
     regions = {_region(m.module, blocks) for m in g.members}
     if len(regions) > 1:
         return True
+    if not g.summed:  # several producers only multiplied together (a squeeze-excitation gate): not a stream
+        return False
     producers = [m.module for m in g.members if m.dim == "out" and isinstance(modules[m.module], (nn.Conv2d, nn.Conv1d,
                  nn.Linear)) and not elastic._depthwise(modules[m.module])]  # fmt: skip
     return len({p.rpartition(".")[0] for p in producers}) > 1
@@ -297,6 +299,10 @@ def _apply_plans(model: nn.Module, groups: list[Group], fuse: Iterable[str] = ()
     for name, module in model.named_modules():
         if name in plans:
             elastic.make_elastic(module, plans[name])
+        elif isinstance(module, nn.modules.batchnorm._BatchNorm) and elastic.supported(module) is None:
+            # a BatchNorm at full width (frozen group, residual stream): elastic without dims, so that
+            # subnet passes use their own batch statistics and only the full arch updates the running ones
+            elastic.make_elastic(module, {})
         else:
             elastic.restore(module)
     for name in fuse:

@@ -87,8 +87,9 @@ class CostModel:
         self.full = np.array([groups[g] for g in self.names], dtype=np.int64)
         self.blocks = {b: i for i, b in enumerate(blocks)}
         base_calls, base_params = probe({})
-        self.calls = self._table(base_calls, [probe({g: shrunk[g]})[0] for g in self.names], shrunk, "calls")
-        self.params = self._table(base_params, [probe({g: shrunk[g]})[1] for g in self.names], shrunk, "params")
+        probes = [probe({g: shrunk[g]}) for g in self.names]  # one pass per group gives both tables
+        self.calls = self._table(base_calls, [p[0] for p in probes], shrunk, "calls")
+        self.params = self._table(base_params, [p[1] for p in probes], shrunk, "params")
 
     def _table(self, base: list[Record], probes: list[list[Record]], shrunk: Mapping[str, int], what: str) -> dict:
         n, g = len(base), len(self.names)

@@ -12,6 +12,7 @@ layer) is kept at full width and the reason is recorded.
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 from collections.abc import Callable, Mapping
@@ -36,7 +37,9 @@ class Member:
 @dataclass
 class Group:
     """One coupled channel group.  ``unit``: channels move in multiples of it (attention heads,
-    GroupNorm groups); ``frozen``: why the group stays at full width (None: elastic)."""
+    GroupNorm groups); ``frozen``: why the group stays at full width (None: elastic); ``summed``: whether
+    the coupling adds channels of several tensors (a residual stream) -- False when the traced group only
+    multiplies them (squeeze-excitation, gated MLPs); declared groups assume it."""
 
     name: str
     size: int
@@ -44,6 +47,7 @@ class Group:
     unit: int = 1
     frozen: str | None = None
     params: list[str] = field(default_factory=list)
+    summed: bool = True
 
     def modules(self) -> list[str]:
         return sorted({m.module for m in self.members})
@@ -75,9 +79,10 @@ def trace(model: nn.Module, args: tuple, kwargs: Mapping, output: Callable) -> l
     groups: list[Group] = []
     for tp_group in dg.get_all_groups(root_module_types=(nn.Conv2d, nn.Conv1d, nn.Linear)):
         members, params, frozen = [], [], None
-        size = None
+        size, summed = None, False
         for dep, idxs in tp_group:
             target = dep.target.module
+            summed = summed or str(getattr(target, "_grad_fn", "")).startswith(("AddBackward", "SubBackward"))
             pos = _positions(idxs)
             if isinstance(target, nn.Parameter):
                 params.append(dg._param_to_name.get(target, "parameter"))
@@ -102,11 +107,37 @@ def trace(model: nn.Module, args: tuple, kwargs: Mapping, output: Callable) -> l
                 size = len(pos)
         if not members:
             continue
+        members, size = _split_fused(tp_group, members, size)
         root = members[0].module
-        group = Group(root, size, members, frozen=frozen, params=params)
+        group = Group(root, size, members, frozen=frozen, params=params, summed=summed)
         group.unit = _unit(model, group)
         groups.append(group)
     return groups
+
+
+def _split_fused(tp_group, members: list[Member], size: int) -> tuple[list[Member], int]:
+    """A projection fused along its output and split evenly before its consumers (timm's qkv: one Linear
+    of 3*D outputs, reshaped to [3, heads, head_dim] and unbound; a GLU's two halves, chunked): Torch-Pruning's
+    group numbers the k*D fused outputs while the consumers have D.  Each fused member (an output dimension
+    of k*D channels) becomes k members, part p holding channels p*D..(p+1)*D-1, so that group channel i is
+    channel i of every part -- q, k and v of the same head move together.  Other groups: unchanged."""
+    import torch_pruning as tp
+
+    lengths = {len(m.positions) for m in members}
+    for dep, _ in tp_group:
+        op = dep.target.module
+        offsets = getattr(op, "offsets", None) if isinstance(op, (tp.ops._UnbindOp, tp.ops._SplitOp)) else None
+        if not offsets or len(offsets) < 3 or len({b - a for a, b in itertools.pairwise(offsets)}) != 1:
+            continue
+        k, d = len(offsets) - 1, offsets[1] - offsets[0]
+        fused = [m for m in members if len(m.positions) == k * d]
+        if fused and lengths <= {d, k * d} and all(m.dim == "out" for m in fused):
+            out = []
+            for m in members:
+                parts = range(k) if len(m.positions) == k * d else [None]
+                out += [m if p is None else Member(m.module, m.dim, m.positions[p * d : (p + 1) * d]) for p in parts]
+            return out, d
+    return members, size
 
 
 def _unit(model: nn.Module, group: Group) -> int:

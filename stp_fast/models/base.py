@@ -73,13 +73,6 @@ class Supernet(nn.Module):
         return archs, owner
 
 
-def map_distinct(fn, hs: Sequence[Tensor]) -> list[Tensor]:
-    """``[fn(h) for h in hs]``, calling ``fn`` once per distinct tensor object (subnets sharing a tensor,
-    see ``stp_fast.nn.elastic``, keep sharing its image)."""
-    done: dict[int, Tensor] = {}
-    return [done[id(h)] if id(h) in done else done.setdefault(id(h), fn(h)) for h in hs]
-
-
 def active(archs: Sequence[Arch], stage: int, block: int) -> list[int]:
     """Indices of the archs that keep block ``block`` of stage ``stage``."""
     return [i for i, a in enumerate(archs) if a.depth[stage] > block]

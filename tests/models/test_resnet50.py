@@ -1,6 +1,8 @@
-"""ResNet-50 supernet (torchvision layout): subnet == extracted plain model, batched pass == per-arch
-passes, analytic MACs == counted MACs (and Torch-Pruning's count), export, state-dict round trips and
-loading a torchvision-style ResNet-50 state dict.  Most tests use a 1/8-width net on 64x64 inputs."""
+"""ResNet-50 supernet (torchvision layout, converted by the drop-in engine): subnet == extracted plain model,
+batched pass == per-arch passes, analytic MACs == counted MACs (and Torch-Pruning's count), export,
+state-dict round trips and loading a torchvision-style ResNet-50 state dict.  Groups are named by their
+first layer: ``layer{i}.{j}.conv1`` / ``.conv2`` (a block's inner widths), ``conv1`` (the stem output) and
+``layer{i}.0.downsample.0`` (stage i's residual stream).  Most tests use a 1/8-width net on 64x64 inputs."""
 
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ SIZE = (3, 64, 64)
 
 def _net(width_mult=0.125, **kw):
     torch.manual_seed(0)
-    net = resnet50(10, width_mult=width_mult, **kw)
+    net = resnet50(10, width_mult=width_mult, input_size=SIZE, **kw)
     return randomise_bn(net, torch.randn(8, *SIZE))
 
 
@@ -43,11 +45,30 @@ def test_extracted_equals_subnet_and_macs_match(prune_residual):
     check_extracted_equals_subnet(_net(prune_residual=prune_residual), SIZE, SEED_ARCHS if prune_residual else 10)
 
 
-def test_full_size_counts():
-    net = resnet50(1000)
-    assert net.space.params(net.space.full()) == 25_557_032  # torchvision's ResNet-50
-    for a in (net.space.full(), net.space.smallest()):
+@pytest.fixture(scope="module")
+def full_net():
+    """The full-width ResNet-50 for 1000 classes at 224x224 (converted once for the module: ~10 s on one core)."""
+    torch.manual_seed(0)
+    return resnet50(1000)
+
+
+def test_full_size_counts(full_net):
+    net, space = full_net, full_net.space
+    assert space.params(space.full()) == 25_557_032  # torchvision's ResNet-50
+    assert (space.macs(space.full()), space.macs(space.smallest())) == (4_121_925_096, 548_175_070)
+    assert len(space.groups) == 32 and space.max_depth == (3, 4, 6, 3)
+    for a in (space.full(), space.smallest()):
         assert_counts_match(net, a, (3, 224, 224))
+
+
+def test_groups_follow_the_blocks():
+    net = _net(prune_residual=True)
+    groups = net.space.groups
+    assert len(groups) == 37  # 16 blocks x (conv1, conv2) + the stem + 4 residual streams
+    assert groups["conv1"] == 8 and groups["layer1.0.downsample.0"] == 32 and groups["layer4.0.downsample.0"] == 256
+    assert groups["layer2.1.conv1"] == groups["layer2.1.conv2"] == 16
+    assert net.space.group_block["layer3.2.conv2"] == (2, 2) and "layer3.0.conv1" not in net.space.group_block
+    assert set(_net().space.groups) == {g for g in groups if "downsample" not in g and g != "conv1"}
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -62,7 +83,8 @@ def test_forward_many_gradients_equal_sum_of_separate():
 
 def test_only_full_arch_updates_running_stats():
     net = _net()
-    check_only_full_arch_updates_running_stats(net, [net.layer2[0].bn2], SIZE)
+    # an elastic BN, and two of the residual streams (full width here)
+    check_only_full_arch_updates_running_stats(net, [net.layer2[0].bn2, net.layer2[1].bn3, net.bn1], SIZE)
 
 
 def test_macs_agree_with_torch_pruning():
@@ -124,16 +146,16 @@ class _RefResNet50(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
-def test_torchvision_state_dict_loads():
+def test_torchvision_state_dict_loads(full_net):
     torch.manual_seed(1)
     ref = _RefResNet50(1000)
     x = torch.randn(2, *SIZE)
     randomise_bn(ref, x)
-    check_reference_state_dict_loads(resnet50(1000), ref, x)
+    check_reference_state_dict_loads(full_net, ref, x)
 
 
 def test_export_and_reload_without_stp_fast_classes(tmp_path):
-    fresh = lambda: resnet50(10, width_mult=0.125, prune_residual=True)
+    fresh = lambda: resnet50(10, width_mult=0.125, prune_residual=True, input_size=SIZE)
     check_export_and_reload(_net(prune_residual=True), SIZE, fresh, tmp_path)
 
 
@@ -151,13 +173,13 @@ def test_bad_inputs():
         net(x, arch=stp_fast.Arch.make((3, 4, 6, 0), full.widths))
     with pytest.raises(ValueError, match=r"arch.depth has 3 entries"):
         net(x, arch=stp_fast.Arch.make((3, 4, 6), full.widths))
-    with pytest.raises(ValueError, match=r"arch.width\['l2.b1.mid1'\]=17 must lie in \[1, 16\]"):
-        net(x, arch=stp_fast.Arch.make(full.depth, {**full.widths, "l2.b1.mid1": 17}))
-    with pytest.raises(ValueError, match=r"arch.width\['l4.res'\]=257"):
-        net(x, arch=stp_fast.Arch.make(full.depth, {**full.widths, "l4.res": 257}))
-    with pytest.raises(ValueError, match=r"unknown groups \['l5.res'\]"):
-        net(x, arch=stp_fast.Arch.make(full.depth, {**full.widths, "l5.res": 8}))
-    with pytest.raises(ValueError, match=r"lacks groups \['stem'\]"):
-        net.space.macs(stp_fast.Arch.make(full.depth, {k: v for k, v in full.widths.items() if k != "stem"}))
+    with pytest.raises(ValueError, match=r"arch.width\['layer2.1.conv1'\]=17 must lie in \[1, 16\]"):
+        net(x, arch=stp_fast.Arch.make(full.depth, {**full.widths, "layer2.1.conv1": 17}))
+    with pytest.raises(ValueError, match=r"arch.width\['layer4.0.downsample.0'\]=257"):
+        net(x, arch=stp_fast.Arch.make(full.depth, {**full.widths, "layer4.0.downsample.0": 257}))
+    with pytest.raises(ValueError, match=r"unknown groups \['layer5.0.downsample.0'\]"):
+        net(x, arch=stp_fast.Arch.make(full.depth, {**full.widths, "layer5.0.downsample.0": 8}))
+    with pytest.raises(ValueError, match=r"lacks groups \['conv1'\]"):
+        net.space.macs(stp_fast.Arch.make(full.depth, {k: v for k, v in full.widths.items() if k != "conv1"}))
     with pytest.raises(ValueError, match="layers must be 4 positive block counts"):
         resnet50(10, layers=(3, 4, 6))

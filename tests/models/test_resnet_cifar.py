@@ -52,7 +52,7 @@ def test_forward_many_gradients_equal_sum_of_separate():
 
 def test_only_full_arch_updates_running_stats():
     net = _net()
-    check_only_full_arch_updates_running_stats(net, [net.stages[0][0].bn1], SIZE)
+    check_only_full_arch_updates_running_stats(net, [net.stages[0][0].bn1, net.stem.bn], SIZE)  # elastic, stream
 
 
 def test_macs_agree_with_torch_pruning():

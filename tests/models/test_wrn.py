@@ -1,6 +1,8 @@
-"""Wide ResNet supernet: subnet == extracted plain model, batched pass == per-arch passes, analytic MACs ==
-counted MACs (and Torch-Pruning's count), export, state-dict round trips and loading the reference
-implementation's state dict.  Most tests use WRN-16-2 (widths 32/64/128) on 32x32 inputs."""
+"""Wide ResNet supernet (converted by the drop-in engine): subnet == extracted plain model, batched pass ==
+per-arch passes, analytic MACs == counted MACs (and Torch-Pruning's count), export, state-dict round trips
+and loading the reference implementation's state dict.  Groups are named by their first layer:
+``block{i}.layer.{j}.conv1`` (a block's inner width), ``conv1`` (the stem output) and, for group i's
+residual stream, its last block's ``conv2``.  Most tests use WRN-16-2 (widths 32/64/128) on 32x32 inputs."""
 
 from __future__ import annotations
 
@@ -46,15 +48,24 @@ def test_extracted_equals_subnet_and_macs_match(kw):
 
 
 def test_residual_groups():
-    assert [g for g in _net(prune_residual=True).space.groups if g.endswith("res")] == ["g1.res", "g2.res", "g3.res"]
-    # WRN-10-1: the first group keeps the stem's 16 channels and has no shortcut conv, so shares its group
-    groups = list(wrn28_10(10, depth=10, widen_factor=1, prune_residual=True).space.groups)
-    assert groups == ["stem", "g1.b0.mid", "g2.res", "g2.b0.mid", "g3.res", "g3.b0.mid"]
+    groups = _net(prune_residual=True).space.groups
+    streams = {"conv1": 16, "block1.layer.1.conv2": 32, "block2.layer.1.conv2": 64, "block3.layer.1.conv2": 128}
+    assert {g: groups[g] for g in groups if "conv1" not in g or g == "conv1"} == streams
+    assert set(_net().space.groups) == set(groups) - set(streams)
+    # WRN-10-1: the first group keeps the stem's 16 channels and has no shortcut conv, so shares its group;
+    # every group has one block, so nothing is skippable (no depth stages)
+    net = wrn28_10(10, depth=10, widen_factor=1, prune_residual=True)
+    widths = {1: 16, 2: 32, 3: 64}
+    assert net.space.groups == {f"block{i}.layer.0.{c}": w for i, w in widths.items() for c in ("conv1", "conv2")}
+    stem_stream = next(g for g in net.channel_groups if g.name == "block1.layer.0.conv2")
+    assert {"conv1", "block1.layer.0.conv2", "block2.layer.0.bn1"} <= set(stem_stream.modules())
+    assert net.space.max_depth == ()
 
 
 def test_full_size_counts():
     net = wrn28_10(10)
     assert net.space.params(net.space.full()) == 36_479_194  # WRN-28-10, 10 classes
+    assert (net.space.macs(net.space.full()), net.space.macs(net.space.smallest())) == (5_250_300_170, 127_052_042)
     for a in (net.space.full(), net.space.smallest()):
         assert_counts_match(net, a, SIZE)
 
@@ -162,13 +173,14 @@ def test_bad_inputs():
         net(x, arch=stp_fast.Arch.make((2, 0, 2), full.widths))
     with pytest.raises(ValueError, match=r"arch.depth has 4 entries"):
         net(x, arch=stp_fast.Arch.make((2, 2, 2, 2), full.widths))
-    with pytest.raises(ValueError, match=r"arch.width\['g2.b1.mid'\]=65 must lie in \[1, 64\]"):
-        net(x, arch=stp_fast.Arch.make(full.depth, {**full.widths, "g2.b1.mid": 65}))
-    with pytest.raises(ValueError, match=r"arch.width\['stem'\]=0"):
-        net(x, arch=stp_fast.Arch.make(full.depth, {**full.widths, "stem": 0}))
-    with pytest.raises(ValueError, match=r"unknown groups \['g4.res'\]"):
-        net(x, arch=stp_fast.Arch.make(full.depth, {**full.widths, "g4.res": 8}))
-    with pytest.raises(ValueError, match=r"lacks groups \['g3.res'\]"):
-        net.space.macs(stp_fast.Arch.make(full.depth, {k: v for k, v in full.widths.items() if k != "g3.res"}))
+    with pytest.raises(ValueError, match=r"arch.width\['block2.layer.1.conv1'\]=65 must lie in \[1, 64\]"):
+        net(x, arch=stp_fast.Arch.make(full.depth, {**full.widths, "block2.layer.1.conv1": 65}))
+    with pytest.raises(ValueError, match=r"arch.width\['conv1'\]=0"):
+        net(x, arch=stp_fast.Arch.make(full.depth, {**full.widths, "conv1": 0}))
+    with pytest.raises(ValueError, match=r"unknown groups \['block4.layer.1.conv2'\]"):
+        net(x, arch=stp_fast.Arch.make(full.depth, {**full.widths, "block4.layer.1.conv2": 8}))
+    res3 = "block3.layer.1.conv2"
+    with pytest.raises(ValueError, match=rf"lacks groups \['{res3}'\]"):
+        net.space.macs(stp_fast.Arch.make(full.depth, {k: v for k, v in full.widths.items() if k != res3}))
     with pytest.raises(ValueError, match="depth must be 6n \\+ 4"):
         wrn28_10(10, depth=20)
