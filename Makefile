@@ -9,7 +9,7 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.stp_fast-installed
 SOURCES := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: demo test install bench lint clean
+.PHONY: demo test install bench lint clean gpu-check
 
 # The main job on the embedded default data set (scikit-learn's digits): STP-train resnet20, search
 # a subnet with 15% of the MACs, extract it, recalibrate BN, evaluate -- no fine-tuning. Writes a new
@@ -34,6 +34,12 @@ $(STAMP): $(PY) $(SOURCES)
 	$(PIP) install "setuptools>=64" wheel ninja
 	$(PIP) install --no-build-isolation -e ".[test]"
 	@touch $(STAMP)
+
+# The one-shot GPU check (benchmarks/gpu_check.sh): build for the present GPU, the GPU test suites, checks
+# and timings -> gpu_check_out/summary.json.  No set-up step: it runs offline with the torch already there
+# (PYTHON=... picks the interpreter).  Without a GPU it runs its quick CPU mode.
+gpu-check:
+	bash benchmarks/gpu_check.sh $(GPU_CHECK_ARGS)
 
 bench: $(STAMP)
 	$(PY) -m pytest benchmarks -m benchmark -p no:cacheprovider $(PYTEST_ARGS)

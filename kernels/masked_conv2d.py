@@ -26,13 +26,23 @@ subnets whose x/y are channel slices and whose W rows start at g * C_out/groups.
 
 Per-subnet metadata (data pointers of x_s/y_s taken with ``data_ptr()``, B_s, widths, the 4 strides
 of each activation, so NCHW, channels-last and any view work, index-list pointers, W offsets, the
-first tile) is one small int64 [S, 18] device tensor; each program finds its subnet by scanning the
-first-tile column (S is small), as the Triton grouped-GEMM tutorial does with its pointer tables.
+first tile) is one small int64 [S, 18] device tensor, cached on the device by content
+(``_common.device_table``: pinned staging, non-blocking copy, no host sync); each program finds its
+subnet by scanning the first-tile column (S is small), as the Triton grouped-GEMM tutorial does with
+its pointer tables.
+
+Memory access: the implicit GEMM reads W through a repack whose column axis (C_out forward, C_in
+for grad x) is unit-stride (``coalesced_weight``; an OIHW 3x3 weight would put every W element in
+its own 32-byte sector); channels-last activations get ``A_UNIT``/``C_UNIT`` (unit channel stride
+visible to Triton) and, when pointers, pixel strides, widths and W offsets are 16-byte multiples,
+``VEC`` ``tl.multiple_of`` hints: in the sm_90 PTX the A and W tiles then load with 16-byte
+``cp.async`` and C stores with ``st.global.v4`` instead of 2-byte accesses.
 
 Tiling: shape/dtype heuristics (no multi-config autotune: it fails under the interpreter and widths
 change every step).  Conv kernels: one flat loop over (tap, channel block) as in inductor's conv
-template; BLOCK_K = 32; BLOCK_M x BLOCK_N = 128x64 or (16-bit) 64x128 with 8 warps, else 64 x
-BLOCK_N with 4; grad W: 64x64 W tiles x 64 pixels (16-bit, 8 warps) or x 32 (fp32, 4 warps), split
+template; BLOCK_K = 32; 1x1 kernels: BLOCK_M x BLOCK_N = 128x64 or (16-bit) 64x128 with 8 warps,
+else 64 x BLOCK_N with 4; other kernels at most 64x64 with 4 warps (``max_warps``: inductor caps this
+loop at 4 warps after wrong results with 8, triton#1254; ``STP_FAST_CONV_WARPS=8`` lifts it); grad W: 64x64 W tiles x 64 pixels (16-bit, 8 warps) or x 32 (fp32, 4 warps), split
 over pixels so that ~2 programs per SM run while each split keeps >= 8 pixel blocks; depthwise
 64 pixels x 32 channels.  These are the largest tiles that ptxas (Triton 3.9, sm_90) compiled without
 register spills (checked ahead of time without a GPU; nested loops and offsets kept live across the
@@ -41,7 +51,7 @@ are int32 unless some tensor spans >= 2**31 elements (``OFF64``).  Under ``TRITO
 tiles are as large as the (tiny) test shapes allow: the interpreter costs ~ms per program and step.
 
 Limits: float32/float16/bfloat16 (float64 is served by other backends); fp32 accumulation, results
-stored in x's dtype; fp32 uses TF32 only when ``torch.backends.cudnn.allow_tf32`` is set.  Under the
+stored in x's dtype; fp32 uses TF32 exactly when cuDNN convolutions may (``_common.input_precision``).  Under the
 interpreter bf16 operands are upcast before ``tl.dot`` (the interpreter's bf16 dot is wrong,
 triton#11584).  Pixel counts B*H*W must stay below 2**31.  groups > 1 that is not depthwise is
 served only with full widths and no index lists (the op contract); anything else raises
@@ -56,12 +66,12 @@ Sources: torch/_inductor/kernel/conv.py (implicit-GEMM template), triton tutoria
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
+from stp_fast.kernels._common import block, device_table, input_precision, interpreted, num_sms, vec
 from torch import Tensor
 
 # Columns of the per-subnet metadata table (int64 [S, NF]).  "A" is the activation the kernel reads
@@ -87,14 +97,18 @@ _NF = tl.constexpr(18)
 
 
 @triton.jit
-def _tile_setup(meta_ptr, S, DH, DW, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Find this program's subnet and tile; decode its rows into (batch, dest h, dest w)."""
+def _tile_setup(meta_ptr, S, DH, DW, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, VEC: tl.constexpr = 1):
+    """Find this program's subnet and tile; decode its rows into (batch, dest h, dest w).
+
+    ``VEC`` > 1 promises that every subnet's column width is a multiple of VEC (alignment hints)."""
     pid = tl.program_id(0)
     sub = pid * 0
     for s in range(1, S):  # subnets with no tiles share their successor's start: the last match wins
         sub = tl.where(pid >= tl.load(meta_ptr + s * _NF + _TILE), s, sub)
     row = meta_ptr + sub * _NF
     cols = tl.load(row + _COL).to(tl.int32)
+    if VEC > 1:
+        cols = tl.multiple_of(cols, VEC)
     rows = (tl.load(row + _NB) * DH * DW).to(tl.int32)
     tile = (pid - tl.load(row + _TILE)).to(tl.int32)
     num_n = tl.cdiv(cols, BLOCK_N)
@@ -191,19 +205,36 @@ def _conv_igemm_kernel(
     TRANSPOSED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RED_IDX: tl.constexpr, HAS_COL_IDX: tl.constexpr,
     OFF64: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    A_UNIT: tl.constexpr = False, C_UNIT: tl.constexpr = False, VEC: tl.constexpr = 1,
 ):  # fmt: skip
-    """C[b, col, dh, dw] = sum_{kh, kw, red} A[b, red, src(dh, kh), src(dw, kw)] * W[.., .., kh, kw] (+ bias)."""
-    row, rn, mask_m, mask_n, b, dh, dw = _tile_setup(meta_ptr, S, DH, DW, BLOCK_M, BLOCK_N)
+    """C[b, col, dh, dw] = sum_{kh, kw, red} A[b, red, src(dh, kh), src(dw, kw)] * W[.., .., kh, kw] (+ bias).
+
+    ``A_UNIT`` / ``C_UNIT``: every subnet's A / C has channel stride 1 (channels-last), so the loads
+    and stores run along a unit-stride axis Triton can see (the table's strides are opaque to it).
+    ``VEC`` > 1 (then both are unit): A/C pointers are 16-byte aligned and their pixel strides, the
+    widths and the W column offsets are multiples of VEC elements -- ``tl.multiple_of`` hints that
+    allow 16-byte vector accesses (see ``_common.vec``).
+    """
+    row, rn, mask_m, mask_n, b, dh, dw = _tile_setup(meta_ptr, S, DH, DW, BLOCK_M, BLOCK_N, VEC)
     elem = w_ptr.dtype.element_ty
     a_ptr = tl.load(row + _A).to(tl.pointer_type(elem))
     c_ptr = tl.load(row + _C).to(tl.pointer_type(elem))
     red = tl.load(row + _RED).to(tl.int32)
+    if VEC > 1:
+        a_ptr = tl.multiple_of(a_ptr, 16)
+        c_ptr = tl.multiple_of(c_ptr, 16)
+        red = tl.multiple_of(red, VEC)
     sa_b, sa_c = _off(tl.load(row + _SA), OFF64), _off(tl.load(row + _SA + 1), OFF64)
     sa_h, sa_w = _off(tl.load(row + _SA + 2), OFF64), _off(tl.load(row + _SA + 3), OFF64)
     sc_b, sc_c = tl.load(row + _SC), tl.load(row + _SC + 1)
     sc_h, sc_w = tl.load(row + _SC + 2), tl.load(row + _SC + 3)
-    c_rows = c_ptr + (b * sc_b + dh * sc_h + dw * sc_w)
+    c_row_off = b * sc_b + dh * sc_h + dw * sc_w
+    if VEC > 1:
+        c_row_off = tl.multiple_of(c_row_off, VEC)
+    c_rows = c_ptr + c_row_off
     col_w = _w_index(_w_base(row, _COL_IDX, _COL_OFF, HAS_COL_IDX), rn, mask_n, HAS_COL_IDX)
+    if VEC > 1 and not HAS_COL_IDX:  # prefix columns: a contiguous run starting at a multiple of VEC
+        col_w = tl.max_contiguous(tl.multiple_of(col_w, VEC), BLOCK_N)
     col_off = _off(col_w, OFF64) * sw_col
     red_base = _w_base(row, _RED_IDX, _RED_OFF, HAS_RED_IDX)
     # Per-row state kept across the loop is 3 integer vectors (each costs up to BLOCK_M / num_warps
@@ -226,7 +257,13 @@ def _conv_igemm_kernel(
         rk = (it - kk * num_k) * BLOCK_K + tl.arange(0, BLOCK_K)
         mask_k = rk < red
         sh, sw, ok = _source_pixel(base_h, base_w, kh, kw, SH, SW, STRIDE_H, STRIDE_W, DIL_H, DIL_W, TRANSPOSED)
-        a_off = (b_off + sh * sa_h + sw * sa_w)[:, None] + rk[None, :] * sa_c
+        a_row = b_off + sh * sa_h + sw * sa_w
+        if A_UNIT:
+            if VEC > 1:
+                a_row = tl.multiple_of(a_row, VEC)
+            a_off = a_row[:, None] + rk[None, :]
+        else:
+            a_off = a_row[:, None] + rk[None, :] * sa_c
         a = tl.load(a_ptr + a_off, mask=ok[:, None] & mask_k[None, :], other=0.0)
         red_w = _off(_w_index(red_base, rk, mask_k, HAS_RED_IDX), OFF64)
         w_off = red_w[:, None] * sw_red + col_off[None, :] + (kh * sw_kh + kw * sw_kw)
@@ -235,7 +272,11 @@ def _conv_igemm_kernel(
             a = a.to(tl.float32)
             w = w.to(tl.float32)
         acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION)
-    tl.store(c_rows[:, None] + rn[None, :] * sc_c, acc.to(elem), mask=mask_m[:, None] & mask_n[None, :])
+    if C_UNIT:
+        c_ptrs = c_rows[:, None] + rn[None, :]
+    else:
+        c_ptrs = c_rows[:, None] + rn[None, :] * sc_c
+    tl.store(c_ptrs, acc.to(elem), mask=mask_m[:, None] & mask_n[None, :])
 
 
 @triton.jit
@@ -245,10 +286,12 @@ def _conv_wgrad_kernel(
     so_col, so_red, so_kh, so_kw, so_split, SPLIT,
     HAS_RED_IDX: tl.constexpr, HAS_COL_IDX: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
+    A_UNIT: tl.constexpr = False, C_UNIT: tl.constexpr = False, VEC: tl.constexpr = 1,
 ):  # fmt: skip
     """out[j, o, i, kh, kw] = sum_s sum_{pixels of split j} dy_s[b, lo_s(o), oh, ow] * x_s[b, li_s(i), ih, iw].
 
     Grid: (W tiles over (C_out, C_in/groups), KH*KW taps, SPLIT).  A = x_s, C = dy_s in the table.
+    ``A_UNIT`` / ``C_UNIT`` / ``VEC``: as in ``_conv_igemm_kernel`` (x_s / dy_s channel stride 1; alignment).
     """
     pid = tl.program_id(0)
     kk = tl.program_id(1)
@@ -279,8 +322,26 @@ def _conv_wgrad_kernel(
             p_hi = tl.minimum(pixels, p_lo + chunk)
             ok_o = lo >= 0
             ok_i = li >= 0
-            g_rows = g_ptr + lo[:, None] * sc_c
-            x_cols = x_ptr + li[None, :] * sa_c
+            # Addresses of prefix subnets use the unmasked local channel (a contiguous run Triton can see).
+            lo_a = lo if HAS_COL_IDX else ro - tl.load(row + _COL_OFF).to(tl.int32)
+            li_a = li if HAS_RED_IDX else ri - tl.load(row + _RED_OFF).to(tl.int32)
+            if VEC > 1:
+                x_ptr = tl.multiple_of(x_ptr, 16)
+                g_ptr = tl.multiple_of(g_ptr, 16)
+                if not HAS_COL_IDX:
+                    lo_a = tl.max_contiguous(tl.multiple_of(lo_a, VEC), BLOCK_M)
+                    ok_o = (lo_a >= 0) & (lo_a < tl.multiple_of(tl.load(row + _COL).to(tl.int32), VEC))
+                if not HAS_RED_IDX:
+                    li_a = tl.max_contiguous(tl.multiple_of(li_a, VEC), BLOCK_N)
+                    ok_i = (li_a >= 0) & (li_a < tl.multiple_of(tl.load(row + _RED).to(tl.int32), VEC))
+            if C_UNIT:
+                g_rows = g_ptr + lo_a[:, None]
+            else:
+                g_rows = g_ptr + lo_a[:, None] * sc_c
+            if A_UNIT:
+                x_cols = x_ptr + li_a[None, :]
+            else:
+                x_cols = x_ptr + li_a[None, :] * sa_c
             for p0 in range(p_lo, p_hi, BLOCK_P):
                 rp = p0 + tl.arange(0, BLOCK_P)
                 mask_p = rp < p_hi
@@ -289,10 +350,13 @@ def _conv_wgrad_kernel(
                 dw = rp % DW
                 base_h, base_w = _source_base(dh, dw, mask_p, STRIDE_H, STRIDE_W, PAD_H, PAD_W, False)
                 sh, sw, ok = _source_pixel(base_h, base_w, kh, kw, SH, SW, STRIDE_H, STRIDE_W, DIL_H, DIL_W, False)
-                g = tl.load(g_rows + (b * sc_b + dh * sc_h + dw * sc_w)[None, :],
-                            mask=ok_o[:, None] & ok[None, :], other=0.0)  # fmt: skip
-                x = tl.load(x_cols + (b * sa_b + sh * sa_h + sw * sa_w)[:, None],
-                            mask=ok[:, None] & ok_i[None, :], other=0.0)  # fmt: skip
+                g_off = b * sc_b + dh * sc_h + dw * sc_w
+                x_off = b * sa_b + sh * sa_h + sw * sa_w
+                if VEC > 1:
+                    g_off = tl.multiple_of(g_off, VEC)
+                    x_off = tl.multiple_of(x_off, VEC)
+                g = tl.load(g_rows + g_off[None, :], mask=ok_o[:, None] & ok[None, :], other=0.0)
+                x = tl.load(x_cols + x_off[:, None], mask=ok[:, None] & ok_i[None, :], other=0.0)
                 if UPCAST:
                     g = g.to(tl.float32)
                     x = x.to(tl.float32)
@@ -471,23 +535,13 @@ def check_dtype(x: Tensor, op: str) -> None:
         raise TypeError(f"{op}: the Triton kernels support float32, float16 and bfloat16, got {x.dtype}")
 
 
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _block(n: int, lo: int, hi: int) -> int:
-    return max(lo, min(hi, triton.next_power_of_2(max(n, 1))))
-
-
-@functools.cache
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+_interpreted = interpreted
+_block = block
 
 
 def _precision(x: Tensor) -> str:
-    if x.dtype == torch.float32 and x.is_cuda and torch.backends.cudnn.allow_tf32 and not _interpreted():
-        return "tf32"
-    return "ieee"
+    """fp32 convolutions use TF32 exactly when cuDNN's would (PyTorch's conv TF32 setting)."""
+    return input_precision(x.dtype, x.device, "conv")
 
 
 def _upcast(x: Tensor) -> bool:
@@ -527,25 +581,56 @@ def _table(subs: list[SubnetConv], transposed: bool, dest_pixels: int, block_m: 
         rows.append([a.data_ptr(), c.data_ptr(), nb, red, col, *a.stride(), *c.stride(), _ptr(ridx), _ptr(cidx),
                      roff, coff, start])  # fmt: skip
         start += triton.cdiv(nb * dest_pixels, block_m) * triton.cdiv(col, block_n)
-    meta = torch.tensor(rows, dtype=torch.int64).to(subs[0].x.device)
-    return meta, start
+    return device_table(rows, subs[0].x.device), start
 
 
-def _gemm_tiles(rows: int, cols: int, red: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+def max_warps(taps: int) -> int:
+    """The most warps the implicit-GEMM kernel may use for a kernel with ``taps`` = KH*KW taps.
+
+    Inductor caps its conv template (the same flat (tap, channel-block) loop) at 4 warps for non-1x1
+    kernels because 8 warps gave wrong results there (triton#1254; torch/_inductor/kernel/conv.py), so
+    this kernel does too until a GPU A/B check (benchmarks/gpu_check.py, "warps") proves 8 warps right:
+    ``STP_FAST_CONV_WARPS=8`` lifts the cap (for that check and for timing).
+    """
+    if taps == 1:
+        return 8
+    return 8 if os.environ.get("STP_FAST_CONV_WARPS", "4").strip() == "8" else 4
+
+
+def _gemm_tiles(rows: int, cols: int, red: int, dtype: torch.dtype, taps: int = 1) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps) for the implicit-GEMM kernel; all >= 16 (tl.dot minimum).
 
-    GPU sizes are the largest that ptxas (Triton 3.9, sm_90, compiled ahead of time) fits without
-    register spills: 128x64 / 64x128 with 8 warps, else 64 x BLOCK_N with 4, BLOCK_K = 32 (BLOCK_K = 64,
-    128x128 and 128x32 spilled).
-    Not yet timed on a GPU.
+    GPU sizes are the largest that ptxas (sm_90, compiled ahead of time, checked with cuobjdump) fits
+    without register spills: 128x64 / 64x128 need 8 warps (with 4 they spill 150-240 B of stack per
+    thread), so under the 4-warp cap of :func:`max_warps` the tile is at most 64x64 (160-255 registers,
+    no spill); BLOCK_K = 32 (BLOCK_K = 64, 128x128 and 128x32 spilled).  Not yet timed on a GPU.
     """
     if _interpreted():  # ~ms per program and K step whatever the tile size: as few programs as possible
         return _block(rows, 16, 128), _block(cols, 16, 64), _block(red, 16, 64), 4
     small = torch.empty((), dtype=dtype).element_size() <= 2
+    bk = _block(red, 16, 32)
+    if max_warps(taps) < 8:
+        bn = _block(cols, 16, 64)
+        return _block(rows, 32, 64), bn, bk, 4
     bn = _block(cols, 16, 128 if small else 64)
     bm = _block(rows, 32, 128 if bn == 64 else 64)
-    bk = _block(red, 16, 32)
     return bm, bn, bk, 8 if bm * bn >= 128 * 64 else 4
+
+
+def coalesced_weight(weight: Tensor, transposed: bool) -> Tensor:
+    """W for the implicit GEMM, its column axis (C_out forward, C_in for grad x) made unit-stride.
+
+    An OIHW weight has strides (C_in*KH*KW, KH*KW, KW, 1): the kernel's W tile [BLOCK_K, BLOCK_N] then
+    reads each element from its own 32-byte sector (review item 9).  A weight whose column or reduction
+    axis already has stride 1 (channels-last, 1x1 kernels) is used as it is; otherwise it is repacked
+    once per launch to [KH, KW, red, col] storage (a copy of the parameter-sized weight), returned as a
+    view with W's logical shape, so the kernel code is unchanged.
+    """
+    col_dim, red_dim = (1, 0) if transposed else (0, 1)
+    if weight.stride(col_dim) == 1 or weight.stride(red_dim) == 1 or weight.numel() == 0:
+        return weight
+    packed = weight.permute(2, 3, red_dim, col_dim).contiguous()
+    return packed.permute(2, 3, 0, 1) if transposed else packed.permute(3, 2, 0, 1)  # [C_out, C_in, KH, KW]
 
 
 def _dw_tiles(rows: int, cols: int) -> tuple[int, int]:
@@ -577,22 +662,42 @@ def _launch_conv(subs: list[SubnetConv], weight: Tensor, bias: Tensor | None, ge
         )  # fmt: skip
         return
     red = max(s.n if transposed else s.k for s in subs)
-    bm, bn, bk, warps = _gemm_tiles(rows, cols, red, weight.dtype)
+    bm, bn, bk, warps = _gemm_tiles(rows, cols, red, weight.dtype, geom.kh * geom.kw)
     meta, tiles = _table(subs, transposed, dest, bm, bn)
     if tiles == 0:
         return
-    s_out, s_in, s_kh, s_kw = weight.stride()
+    w = coalesced_weight(weight, transposed)
+    s_out, s_in, s_kh, s_kw = w.stride()
     a_tensors = [s.y if transposed else s.x for s in subs]
+    c_tensors = [s.x if transposed else s.y for s in subs]
+    a_unit, c_unit, v = _unit_and_vec(subs, a_tensors, c_tensors, w, transposed)
     _conv_igemm_kernel[(tiles,)](
-        meta, len(subs), weight, bias if bias is not None else weight, *conv_args,
+        meta, len(subs), w, bias if bias is not None else w, *conv_args,
         s_out if transposed else s_in, s_in if transposed else s_out, s_kh, s_kw,
         TRANSPOSED=transposed, HAS_BIAS=bias is not None,
         HAS_RED_IDX=(subs[0].out_idx if transposed else subs[0].in_idx) is not None,
         HAS_COL_IDX=(subs[0].in_idx if transposed else subs[0].out_idx) is not None,
-        OFF64=_needs_int64([*a_tensors, weight]),
+        OFF64=_needs_int64([*a_tensors, w]),
         UPCAST=_upcast(weight), INPUT_PRECISION=_precision(weight),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, A_UNIT=a_unit, C_UNIT=c_unit, VEC=v, num_warps=warps,
     )  # fmt: skip
+
+
+def _unit_and_vec(subs: list[SubnetConv], a_tensors: list[Tensor], c_tensors: list[Tensor], w: Tensor | None,
+                  transposed: bool) -> tuple[bool, bool, int]:  # fmt: skip
+    """(A_UNIT, C_UNIT, VEC) of an implicit-GEMM or grad-W launch (see ``_conv_igemm_kernel``); ``w`` is
+    the weight the implicit GEMM reads (its column axis must be unit-stride for VEC), None for grad W."""
+    unit = lambda ts: all(t.stride(1) == 1 or t.shape[1] <= 1 for t in ts)
+    a_unit, c_unit = unit(a_tensors), unit(c_tensors)
+    if not (a_unit and c_unit):  # (the hints are no-ops under the interpreter, which still runs the VEC code)
+        return a_unit, c_unit, 1
+    widths = [v for s in subs for v in (s.k, s.n)]
+    offsets = [v for s in subs for v in (s.in_off, s.out_off)]
+    pixel_strides = [st for t in (*a_tensors, *c_tensors) for st in (t.stride(0), t.stride(2), t.stride(3))]
+    col_ok = w is None or w.stride(1 if transposed else 0) == 1
+    ptrs = [t.data_ptr() for t in (*a_tensors, *c_tensors)]
+    v = vec(ptrs, [*pixel_strides, *widths, *offsets], a_tensors[0].element_size())
+    return a_unit, c_unit, v if col_ok else 1
 
 
 def grouped_conv_forward(subs: list[SubnetConv], weight: Tensor, bias: Tensor | None, geom: ConvGeometry,
@@ -620,7 +725,7 @@ def _num_splits(active_tiles: int, pixels: int, block_p: int, device: torch.devi
     """Split the pixel reduction so ~2 programs per SM run, each keeping >= 8 pixel blocks."""
     if _interpreted() or device.type != "cuda":
         return 1
-    target = 2 * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    target = 2 * num_sms(device)
     by_work = max(1, pixels // (8 * block_p))
     return max(1, min(triton.cdiv(target, max(active_tiles, 1)), by_work, 64))
 
@@ -671,12 +776,13 @@ def grouped_conv_grad_weight(subs: list[SubnetConv], weight: Tensor, geom: ConvG
         w_col, w_red = weight.shape[0], weight.shape[1]
         inv_red = _inverse_map([s.in_idx for s in subs], w_red, weight.device)
         inv_col = _inverse_map([s.out_idx for s in subs], w_col, weight.device)
+        a_unit, c_unit, v = _unit_and_vec(subs, [s.x for s in subs], [s.y for s in subs], None, False)
         _conv_wgrad_kernel[(triton.cdiv(w_col, bm) * triton.cdiv(w_red, bn), taps, split)](
             meta, len(subs), inv_red if inv_red is not None else meta, inv_col if inv_col is not None else meta,
             out, weight, w_red, w_col, *conv, *gw.stride(), gw.numel(), split,
             HAS_RED_IDX=inv_red is not None, HAS_COL_IDX=inv_col is not None,
             UPCAST=_upcast(weight), INPUT_PRECISION=_precision(weight),
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_P=bp, num_warps=warps,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_P=bp, A_UNIT=a_unit, C_UNIT=c_unit, VEC=v, num_warps=warps,
         )  # fmt: skip
     if split > 1:
         block = _block(gw.numel(), 128, 4096 if _interpreted() else 1024)

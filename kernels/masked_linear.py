@@ -15,9 +15,11 @@ W[N, K] seen through its strides:
 so no sliced copy of the weight is ever made, and dW is written straight into its full-shaped,
 zero-initialised buffer (indices are unique, so no atomics are needed).
 
-Tiling: a 1-D grid over (BLOCK_I x BLOCK_J) output tiles in "grouped" order (GROUP_I rows of tiles
+Tiling: a grid over (BLOCK_I x BLOCK_J) output tiles in "grouped" order (GROUP_I rows of tiles
 share B tiles in L2, as in the Triton matmul tutorial), a K loop of BLOCK_P, fp32 accumulation
-(tf32 for fp32 inputs only when ``torch.backends.cuda.matmul.allow_tf32`` is set, matching cuBLAS).
+(tf32 for fp32 inputs exactly when PyTorch lets cuBLAS use it, ``_common.input_precision``).  The
+weight gradient has few (n, k) tiles and a long reduction over the M rows, so it is split-K on a GPU
+(second grid axis, ``wgrad_splits``): fp32 partial tiles in a workspace, summed in a fixed order.
 Tile sizes come from a shape heuristic, not autotuning: autotune with several configs fails under
 the interpreter, and the widths change every step.
 
@@ -27,11 +29,10 @@ upcast to fp32 in-kernel because the interpreter's bf16 ``tl.dot`` is wrong (tri
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+from stp_fast.kernels._common import block, input_precision, interpreted, num_sms
 from torch import Tensor
 
 
@@ -40,7 +41,7 @@ def _gathered_gemm_kernel(
     a_ptr, b_ptr, c_ptr, bias_ptr,
     bp_idx_ptr, bj_idx_ptr, ci_idx_ptr, cj_idx_ptr,
     I, J, P,  # noqa: E741
-    stride_ai, stride_ap, stride_bp, stride_bj, stride_ci, stride_cj,
+    stride_ai, stride_ap, stride_bp, stride_bj, stride_ci, stride_cj, stride_cz,
     HAS_BIAS: tl.constexpr, HAS_BP: tl.constexpr, HAS_BJ: tl.constexpr,
     HAS_CI: tl.constexpr, HAS_CJ: tl.constexpr,
     UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
@@ -67,10 +68,16 @@ def _gathered_gemm_kernel(
     a_rows = a_ptr + ri.to(tl.int64)[:, None] * stride_ai
     b_cols = b_ptr + bj[None, :] * stride_bj
 
+    # Split-K (grid axis 1): program z reduces its chunk of P into its own slice z of C (an fp32
+    # workspace summed by the launcher in a fixed order); one split covers all of P.
+    z = tl.program_id(1)
+    chunk = tl.cdiv(tl.cdiv(P, BLOCK_P), tl.num_programs(1)) * BLOCK_P
+    p_lo = z * chunk
+    p_hi = tl.minimum(P, p_lo + chunk)
     acc = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)
-    for p0 in range(0, P, BLOCK_P):
+    for p0 in range(p_lo, p_hi, BLOCK_P):
         rp = p0 + tl.arange(0, BLOCK_P)
-        mask_p = rp < P
+        mask_p = rp < p_hi
         if HAS_BP:
             bp = tl.load(bp_idx_ptr + rp, mask=mask_p, other=0)
         else:
@@ -92,16 +99,12 @@ def _gathered_gemm_kernel(
         cj = tl.load(cj_idx_ptr + rj, mask=mask_j, other=0)
     else:
         cj = rj.to(tl.int64)
-    c_ptrs = c_ptr + ci[:, None] * stride_ci + cj[None, :] * stride_cj
+    c_ptrs = c_ptr + z.to(tl.int64) * stride_cz + ci[:, None] * stride_ci + cj[None, :] * stride_cj
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_i[:, None] & mask_j[None, :])
 
 
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _block(n: int, lo: int, hi: int) -> int:
-    return max(lo, min(hi, triton.next_power_of_2(max(n, 1))))
+_interpreted = interpreted
+_block = block
 
 
 def gathered_gemm(
@@ -118,42 +121,57 @@ def gathered_gemm(
     bj: Tensor | None = None,
     ci: Tensor | None = None,
     cj: Tensor | None = None,
+    split: int = 1,
+    stride_cz: int = 0,
 ) -> None:
     """Launch ``C[ci(i), cj(j)] = sum_p A[i, p] * B[bp(p), bj(j)] (+ bias[bj(j)])`` on (I, J, P) = sizes.
 
     Strides are in elements; index tensors are int64 and contiguous.  Writes into ``c`` in place.
+    ``split`` > 1 cuts P into that many chunks; chunk z is written to ``c + z * stride_cz`` (no bias).
     """
     I, J, P = sizes  # noqa: E741
     if I == 0 or J == 0:
         return
-    interp = _interpreted()
-    if interp:
-        # The interpreter costs ~ms per program and K step whatever the tile size: use big tiles.
-        block_i, block_j, block_p = _block(I, 16, 64), _block(J, 16, 64), _block(P, 16, 64)
-        num_warps = 4
-    else:
-        big = a.element_size() <= 2
-        block_i = _block(I, 16, 128 if big else 64)
-        block_j = _block(J, 16, 128 if big else 64)
-        block_p = 64 if big else 32
-        num_warps = 8 if block_i * block_j >= 128 * 128 else 4
-    precision = "ieee"
-    if a.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not interp:
-        precision = "tf32"
+    if split > 1 and bias is not None:
+        raise ValueError("gathered_gemm: split-K partial sums take no bias")
+    block_i, block_j, block_p, num_warps = gemm_tiles(I, J, P, a.element_size())
     dummy = c
-    grid = (triton.cdiv(I, block_i) * triton.cdiv(J, block_j),)
+    grid = (triton.cdiv(I, block_i) * triton.cdiv(J, block_j), split)
     _gathered_gemm_kernel[grid](
         a, b, c, bias if bias is not None else dummy,
         bp if bp is not None else dummy, bj if bj is not None else dummy,
         ci if ci is not None else dummy, cj if cj is not None else dummy,
         I, J, P,
-        a_strides[0], a_strides[1], b_strides[0], b_strides[1], c_strides[0], c_strides[1],
+        a_strides[0], a_strides[1], b_strides[0], b_strides[1], c_strides[0], c_strides[1], stride_cz,
         HAS_BIAS=bias is not None, HAS_BP=bp is not None, HAS_BJ=bj is not None,
         HAS_CI=ci is not None, HAS_CJ=cj is not None,
-        UPCAST=interp and a.dtype == torch.bfloat16, INPUT_PRECISION=precision,
+        UPCAST=_interpreted() and a.dtype == torch.bfloat16,
+        INPUT_PRECISION=input_precision(a.dtype, a.device, "matmul"),
         BLOCK_I=block_i, BLOCK_J=block_j, BLOCK_P=block_p, GROUP_I=8,
         num_warps=num_warps,
     )  # fmt: skip
+
+
+def gemm_tiles(i: int, j: int, p: int, elsize: int) -> tuple[int, int, int, int]:
+    """(BLOCK_I, BLOCK_J, BLOCK_P, num_warps) of the gathered GEMM."""
+    if _interpreted():  # the interpreter costs ~ms per program and K step whatever the tile size: big tiles
+        return _block(i, 16, 64), _block(j, 16, 64), _block(p, 16, 64), 4
+    big = elsize <= 2
+    block_i = _block(i, 16, 128 if big else 64)
+    block_j = _block(j, 16, 128 if big else 64)
+    return block_i, block_j, 64 if big else 32, 8 if block_i * block_j >= 128 * 128 else 4
+
+
+def wgrad_splits(n: int, k: int, m: int, elsize: int, device: torch.device) -> int:
+    """Split-K factor of the weight gradient (I, J, P) = (n, k, m): the (n, k) tiles alone give one
+    program per tile and each reduces all M rows -- 12 to 36 programs for 768-wide layers on a GPU with
+    132 SMs (review item 13).  Split the rows so that ~one program per SM runs, each keeping >= 4
+    BLOCK_P steps; at most 32 splits (the fp32 workspace is split * n * k)."""
+    if _interpreted() or device.type != "cuda":
+        return 1
+    bi, bj, bp, _ = gemm_tiles(n, k, m, elsize)
+    tiles = triton.cdiv(n, bi) * triton.cdiv(k, bj)
+    return max(1, min(triton.cdiv(num_sms(device), tiles), m // (4 * bp), 32))
 
 
 def _contig(idx: Tensor | None) -> Tensor | None:
@@ -188,8 +206,11 @@ def masked_linear_bwd_triton(
     need_x: bool,
     need_w: bool,
     need_b: bool,
+    split: int | None = None,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """(grad_x (M, k), grad_weight (N, K) zero outside the active block, grad_bias (N,))."""
+    """(grad_x (M, k), grad_weight (N, K) zero outside the active block, grad_bias (N,)).
+
+    ``split`` forces the split-K factor of grad_weight (tests); None: :func:`wgrad_splits`."""
     m, k = x2.shape
     in_index, out_index = _contig(in_index), _contig(out_index)
     gx = gw = gb = None
@@ -205,10 +226,7 @@ def masked_linear_bwd_triton(
     if need_w:
         gw = torch.zeros_like(weight)
         if m > 0:
-            gathered_gemm(
-                g2, (g2.stride(1), g2.stride(0)), x2, x2.stride(), gw, gw.stride(), (out_width, k, m),
-                ci=out_index, cj=in_index,
-            )  # fmt: skip
+            _grad_weight(g2, x2, gw, in_index, out_index, out_width, split)
     if need_b:
         gb = weight.new_zeros(weight.shape[0])
         colsum = g2.sum(0, dtype=torch.float32).to(weight.dtype)
@@ -217,3 +235,26 @@ def masked_linear_bwd_triton(
         else:
             gb.index_copy_(0, out_index, colsum)
     return gx, gw, gb
+
+
+def _grad_weight(g2: Tensor, x2: Tensor, gw: Tensor, in_index: Tensor | None, out_index: Tensor | None,
+                 out_width: int, split: int | None) -> None:  # fmt: skip
+    """gw[out][:, in] = g2^T @ x2 (gw zero elsewhere): straight into gw, or with split-K through an fp32
+    workspace [split, n, k] summed in a fixed order (deterministic) and scattered once."""
+    m, k = x2.shape
+    if split is None:
+        split = wgrad_splits(out_width, k, m, x2.element_size(), x2.device)
+    if split <= 1:
+        gathered_gemm(g2, (g2.stride(1), g2.stride(0)), x2, x2.stride(), gw, gw.stride(), (out_width, k, m),
+                      ci=out_index, cj=in_index)  # fmt: skip
+        return
+    ws = torch.empty((split, out_width, k), dtype=torch.float32, device=x2.device)
+    gathered_gemm(g2, (g2.stride(1), g2.stride(0)), x2, x2.stride(), ws, (ws.stride(1), ws.stride(2)),
+                  (out_width, k, m), split=split, stride_cz=ws.stride(0))  # fmt: skip
+    part = ws.sum(0).to(gw.dtype)
+    if out_index is None and in_index is None:
+        gw[:out_width, :k] = part
+        return
+    rows = out_index if out_index is not None else torch.arange(out_width, device=gw.device)
+    cols = in_index if in_index is not None else torch.arange(k, device=gw.device)
+    gw.index_put_((rows[:, None], cols[None, :]), part)

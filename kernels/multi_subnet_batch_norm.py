@@ -41,7 +41,9 @@ upgrade for few channels and huge B*H*W.
 Limits.  float32/float16/bfloat16 activations, fp32 statistics and accumulation; running statistics
 may have any float dtype.  B_s * H * W < 2**31 per subnet.  An empty subnet batch (R = 0) yields
 mean 0 and invstd 1/sqrt(eps) (PyTorch rejects empty batches) and zero weight/bias gradients; zero
-channels launch nothing.  The metadata table is built on the host (one small H2D copy per launch).
+channels launch nothing.  The metadata table is built on the host and cached on the device by content
+(``_common.device_table``: no host sync, nothing copied when addresses repeat).  Channels-last / NCHW
+inputs whose pointers, strides and unit-axis extent are 16-byte multiples get ``VEC`` alignment hints.
 
 Verified: under ``TRITON_INTERPRET=1`` (tests/kernels/test_multi_subnet_triton.py) against float64
 ``F.batch_norm`` per subnet (+relu), training and eval, forward, statistics and all gradients, 2-D,
@@ -57,6 +59,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+from stp_fast.kernels._common import device_table, vec
+from stp_fast.kernels._common import num_sms as _num_sms
 from torch import Tensor
 
 # Forward table columns: x, y, mean, invstd, idx, B, c_s, HW, x strides (b, c, s), y strides, first block.
@@ -110,12 +114,26 @@ def _offsets(b, sp, cl, sb, sc, ss, SP_INNER: tl.constexpr, HAS_SPATIAL: tl.cons
 
 
 @triton.jit
+def _hint_strides(sb, sc, ss, VEC: tl.constexpr, SP_INNER: tl.constexpr, HAS_SPATIAL: tl.constexpr,
+                  C_UNIT: tl.constexpr):  # fmt: skip
+    """The strides ``_offsets`` multiplies by, promised to be multiples of VEC (``_vec`` checked them)."""
+    sb = tl.multiple_of(sb, VEC)
+    if not C_UNIT:
+        sc = tl.multiple_of(sc, VEC)
+    if HAS_SPATIAL and not SP_INNER:
+        ss = tl.multiple_of(ss, VEC)
+    return sb, sc, ss
+
+
+@triton.jit
 def _multi_subnet_batch_norm_fwd_kernel(
     meta_ptr, num_groups, x0_ptr, w_ptr, b_ptr, rm_ptr, rv_ptr, eps,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_IDX: tl.constexpr, TRAINING: tl.constexpr,
     RELU: tl.constexpr, SP_INNER: tl.constexpr, HAS_SPATIAL: tl.constexpr, C_UNIT: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, NF: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, NF: tl.constexpr, VEC: tl.constexpr = 1,
 ):  # fmt: skip
+    """``VEC`` > 1: activation pointers 16-byte aligned, the strides used and the unit-stride axis's extent
+    (C with C_UNIT, H*W with SP_INNER) multiples of VEC: hints for 16-byte accesses (``_vec``)."""
     pid = tl.program_id(0)
     row = _find_group(meta_ptr, num_groups, pid, NF, 14)
     dtype = x0_ptr.dtype.element_ty
@@ -129,6 +147,15 @@ def _multi_subnet_batch_norm_fwd_kernel(
     sxb, sxc, sxs = tl.load(row + 8), tl.load(row + 9), tl.load(row + 10)
     syb, syc, sys_ = tl.load(row + 11), tl.load(row + 12), tl.load(row + 13)
     blk = pid - tl.load(row + 14)
+    if VEC > 1:
+        x_ptr = tl.multiple_of(x_ptr, 16)
+        y_ptr = tl.multiple_of(y_ptr, 16)
+        sxb, sxc, sxs = _hint_strides(sxb, sxc, sxs, VEC, SP_INNER, HAS_SPATIAL, C_UNIT)
+        syb, syc, sys_ = _hint_strides(syb, syc, sys_, VEC, SP_INNER, HAS_SPATIAL, C_UNIT)
+        if C_UNIT:
+            C = tl.multiple_of(C, VEC)
+        if SP_INNER:
+            HW = tl.multiple_of(HW, VEC)
 
     cl = blk * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
     cmask = cl < C
@@ -193,8 +220,9 @@ def _multi_subnet_batch_norm_bwd_kernel(
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_IDX: tl.constexpr, TRAINING: tl.constexpr,
     RELU: tl.constexpr, NEED_X: tl.constexpr, NEED_SUMS: tl.constexpr, STORE_SUMS: tl.constexpr,
     SP_INNER: tl.constexpr, HAS_SPATIAL: tl.constexpr, C_UNIT: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, NF: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, NF: tl.constexpr, VEC: tl.constexpr = 1,
 ):  # fmt: skip
+    """``VEC``: as in the forward kernel (x, dy and dx)."""
     pid = tl.program_id(0)
     row = _find_group(meta_ptr, num_groups, pid, NF, 19)
     dtype = x0_ptr.dtype.element_ty
@@ -211,6 +239,17 @@ def _multi_subnet_batch_norm_bwd_kernel(
     sdb, sdc, sds = tl.load(row + 15), tl.load(row + 16), tl.load(row + 17)
     ws_row = tl.load(row + 18)
     blk = pid - tl.load(row + 19)
+    if VEC > 1:
+        x_ptr = tl.multiple_of(x_ptr, 16)
+        dy_ptr = tl.multiple_of(dy_ptr, 16)
+        dx_ptr = tl.multiple_of(dx_ptr, 16)
+        sxb, sxc, sxs = _hint_strides(sxb, sxc, sxs, VEC, SP_INNER, HAS_SPATIAL, C_UNIT)
+        sgb, sgc, sgs = _hint_strides(sgb, sgc, sgs, VEC, SP_INNER, HAS_SPATIAL, C_UNIT)
+        sdb, sdc, sds = _hint_strides(sdb, sdc, sds, VEC, SP_INNER, HAS_SPATIAL, C_UNIT)
+        if C_UNIT:
+            C = tl.multiple_of(C, VEC)
+        if SP_INNER:
+            HW = tl.multiple_of(HW, VEC)
 
     cl = blk * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
     cmask = cl < C
@@ -325,10 +364,22 @@ def _layout_flags(items: list[tuple[int, tuple[tuple[int, int, int], ...]]]) -> 
     return sp_inner, has_spatial, c_unit
 
 
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 1
-    return torch.cuda.get_device_properties(device).multi_processor_count
+def _vec(tensors: list[Tensor], items, widths: list[int], flags: tuple[bool, bool, bool]) -> int:
+    """VEC of a launch (see the kernels): pointers, the strides ``_offsets`` uses and the unit axis's extent."""
+    sp_inner, has_spatial, c_unit = flags
+    strides = []
+    for hw, sts in items:
+        for sb, sc, ss in sts:
+            strides.append(sb)
+            if not c_unit:
+                strides.append(sc)
+            if has_spatial and not sp_inner:
+                strides.append(ss)
+        if sp_inner:
+            strides.append(hw)
+    if c_unit:
+        strides += widths
+    return vec([t.data_ptr() for t in tensors], strides, tensors[0].element_size())
 
 
 def _pow2_floor(n: int) -> int:
@@ -438,7 +489,9 @@ def multi_subnet_batch_norm_fwd_triton(
         idx = indices[s].data_ptr() if indices is not None else 0
         rows.append([xc.data_ptr(), y.data_ptr(), means[s].data_ptr(), invstds[s].data_ptr(), idx,
                      xc.shape[0], widths[s], hw, *sx, *sy, start])  # fmt: skip
-    meta = torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True)
+    meta = device_table(rows, device)
+    flags = (sp_inner, has_spatial, c_unit)
+    v = _vec([t for s in live for t in cols[s][:2]], [items[s] for s in live], [widths[s] for s in live], flags)
     dummy = xs[0]
     _multi_subnet_batch_norm_fwd_kernel[(grid,)](
         meta, len(rows), xs[0],
@@ -447,7 +500,7 @@ def multi_subnet_batch_norm_fwd_triton(
         float(eps),
         HAS_W=weight is not None, HAS_B=bias is not None, HAS_IDX=indices is not None, TRAINING=bool(training),
         RELU=bool(relu), SP_INNER=sp_inner, HAS_SPATIAL=has_spatial, C_UNIT=c_unit,
-        BLOCK_C=block_c, BLOCK_R=block_r, NF=_FWD_FIELDS, num_warps=num_warps,
+        BLOCK_C=block_c, BLOCK_R=block_r, NF=_FWD_FIELDS, VEC=v, num_warps=num_warps,
     )  # fmt: skip
     return ys, means, invstds
 
@@ -476,7 +529,6 @@ def multi_subnet_batch_norm_bwd_triton(
         grad_bias sum the subnets and are exactly zero at channels no subnet uses.
     """
     device = xs[0].device
-    dtype = xs[0].dtype
     widths = [x.shape[1] for x in xs]
     indices = _uniform_indices(indices, widths, device)
     store_sums = need_weight or need_bias
@@ -513,7 +565,9 @@ def multi_subnet_batch_norm_bwd_triton(
             idx = indices[s].data_ptr() if indices is not None else 0
             rows.append([xc.data_ptr(), gc.data_ptr(), dx.data_ptr(), means[s].data_ptr(), invstds[s].data_ptr(),
                          idx, xc.shape[0], widths[s], hw, *sx, *sg, *sd, s * C, start])  # fmt: skip
-        meta = torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True)
+        meta = device_table(rows, device)
+        flags = (sp_inner, has_spatial, c_unit)
+        v = _vec([t for s in live for t in cols[s][:3]], [items[s] for s in live], [widths[s] for s in live], flags)
         dummy = xs[0]
         _multi_subnet_batch_norm_bwd_kernel[(grid,)](
             meta, len(rows), xs[0],
@@ -522,11 +576,11 @@ def multi_subnet_batch_norm_bwd_triton(
             HAS_W=weight is not None, HAS_B=bias is not None, HAS_IDX=indices is not None,
             TRAINING=bool(training), RELU=bool(relu), NEED_X=bool(need_x), NEED_SUMS=need_sums, STORE_SUMS=store_sums,
             SP_INNER=sp_inner, HAS_SPATIAL=has_spatial, C_UNIT=c_unit,
-            BLOCK_C=block_c, BLOCK_R=block_r, NF=_BWD_FIELDS, num_warps=num_warps,
+            BLOCK_C=block_c, BLOCK_R=block_r, NF=_BWD_FIELDS, VEC=v, num_warps=num_warps,
         )  # fmt: skip
     gw = gb = None
     if need_weight or need_bias:
         # Fixed-order reductions over the subnets; two separate tensors (custom-op outputs may not alias).
-        gw = ws[0].sum(0).to(dtype) if need_weight else None
-        gb = ws[1].sum(0).to(dtype) if need_bias else None
+        gw = ws[0].sum(0).to(weight.dtype) if need_weight else None  # fp32 parameters of 16-bit inputs stay fp32
+        gb = ws[1].sum(0).to(bias.dtype) if need_bias else None
     return gxs, gw, gb

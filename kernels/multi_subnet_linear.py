@@ -44,10 +44,11 @@ matmul tutorial).  Across subnets the schedule runs the subnets with the longest
 (e.g. 512x512 bf16 = 512 KiB) stays resident in the 50 MB L2 of an H100, so subnets reuse it anyway.
 
 Limits.  float32/float16/bfloat16 (float64 is served by other backends); fp32 accumulation, output in
-x's dtype; ``input_precision="tf32"`` for fp32 only when ``torch.backends.cuda.matmul.allow_tf32``.
+x's dtype; ``input_precision="tf32"`` for fp32 exactly when cuBLAS may use TF32 (``_common.input_precision``).
 Under the interpreter bf16 operands are upcast to fp32 before ``tl.dot`` (triton#11584).  Pointer
-offsets are int64.  The metadata table is built on the host (one small H2D copy per launch), so these
-launchers are not CUDA-graph safe; widths never trigger recompiles (they are table entries).
+offsets are int64.  The metadata table is built on the host and cached on the device by content
+(``_common.device_table``: no host sync, nothing copied when the addresses repeat, kept alive for CUDA
+graphs); widths never trigger recompiles (they are table entries).
 
 Verified: under ``TRITON_INTERPRET=1`` (tests/kernels/test_multi_subnet_triton.py) against float64
 ``F.linear`` per subnet, forward and all gradients, S = 1..6, prefix and index lists, fp32/fp16/bf16,
@@ -58,11 +59,11 @@ were compiled for sm_90 (triton.compile + ptxas, no device) for fp32/fp16/bf16 a
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+from stp_fast.kernels._common import block, device_table, input_precision, interpreted, vec
+from stp_fast.kernels._common import num_sms as _num_sms
 from torch import Tensor
 
 # Columns of the forward / grad_x metadata table (one int64 row per scheduled subnet).
@@ -79,8 +80,11 @@ def _multi_subnet_linear_fwd_kernel(
     HAS_BIAS: tl.constexpr, HAS_BP: tl.constexpr, HAS_BJ: tl.constexpr,
     UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_P: tl.constexpr, GROUP_I: tl.constexpr,
-    NF: tl.constexpr,
+    NF: tl.constexpr, A_UNIT: tl.constexpr = False, C_UNIT: tl.constexpr = False, VEC: tl.constexpr = 1,
 ):  # fmt: skip
+    """``A_UNIT`` / ``C_UNIT``: every A_s has unit stride along P / every C_s along J (the table's strides
+    are opaque to Triton).  ``VEC`` > 1: A/C pointers 16-byte aligned, row strides and P, J multiples of
+    VEC elements (``tl.multiple_of`` hints for 16-byte accesses; ``_common.vec``)."""
     pid = tl.program_id(0)
     # Find the subnet: the last table row whose first tile is <= pid (rows are in schedule order).
     g = pid * 0
@@ -97,6 +101,13 @@ def _multi_subnet_linear_fwd_kernel(
     stride_ap = tl.load(row + 6)
     stride_ci = tl.load(row + 7)
     stride_cj = tl.load(row + 8)
+    if VEC > 1:
+        a_ptr = tl.multiple_of(a_ptr, 16)
+        c_ptr = tl.multiple_of(c_ptr, 16)
+        J = tl.multiple_of(J, VEC)
+        P = tl.multiple_of(P, VEC)
+        stride_ai = tl.multiple_of(stride_ai, VEC)
+        stride_ci = tl.multiple_of(stride_ci, VEC)
     local = pid - tl.load(row + 11)
 
     # Grouped ordering inside the subnet (GROUP_I rows of tiles share B tiles in L2).
@@ -131,7 +142,10 @@ def _multi_subnet_linear_fwd_kernel(
             bp = tl.load(bp_ptr + rp, mask=mask_p, other=0)
         else:
             bp = rp
-        a = tl.load(a_rows + rp[None, :] * stride_ap, mask=mask_i[:, None] & mask_p[None, :], other=0.0)
+        if A_UNIT:
+            a = tl.load(a_rows + rp[None, :], mask=mask_i[:, None] & mask_p[None, :], other=0.0)
+        else:
+            a = tl.load(a_rows + rp[None, :] * stride_ap, mask=mask_i[:, None] & mask_p[None, :], other=0.0)
         b = tl.load(b_cols + bp[:, None] * stride_bp, mask=mask_p[:, None] & mask_j[None, :], other=0.0)
         if UPCAST:
             a = a.to(tl.float32)
@@ -140,7 +154,10 @@ def _multi_subnet_linear_fwd_kernel(
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + bj, mask=mask_j, other=0.0).to(tl.float32)[None, :]
-    c_ptrs = c_ptr + ri[:, None] * stride_ci + rj[None, :] * stride_cj
+    if C_UNIT:
+        c_ptrs = c_ptr + ri[:, None] * stride_ci + rj[None, :]
+    else:
+        c_ptrs = c_ptr + ri[:, None] * stride_ci + rj[None, :] * stride_cj
     tl.store(c_ptrs, acc.to(dtype), mask=mask_i[:, None] & mask_j[None, :])
 
 
@@ -225,18 +242,13 @@ def _multi_subnet_linear_bwd_weight_kernel(
             tl.store(gb_ptr + pid_z * stride_gbz + rn, bacc.to(gb_ptr.dtype.element_ty), mask=in_n)
 
 
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+_interpreted = interpreted
+_block = block
 
 
-def _block(n: int, lo: int, hi: int) -> int:
-    return max(lo, min(hi, triton.next_power_of_2(max(n, 1))))
-
-
-def _precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not _interpreted():
-        return "tf32"
-    return "ieee"
+def _precision(dtype: torch.dtype, device: torch.device) -> str:
+    """fp32 uses TF32 exactly when cuBLAS may (PyTorch's matmul TF32 setting)."""
+    return input_precision(dtype, device, "matmul")
 
 
 def _gemm_tiles(max_i: int, max_j: int, elsize: int) -> tuple[int, int, int, int]:
@@ -294,13 +306,19 @@ def _grouped_gemm(
             bp.data_ptr() if bp is not None else 0, bj.data_ptr() if bj is not None else 0, start,
         ])  # fmt: skip
         start += triton.cdiv(i, block_i) * triton.cdiv(j, block_j)
-    meta = torch.tensor(rows, dtype=torch.int64).to(weight.device, non_blocking=True)
+    meta = device_table(rows, weight.device)
+    a_unit = all(p[0].stride(1) == 1 or p[4] <= 1 for p in live)
+    c_unit = all(p[1].stride(1) == 1 or p[3] <= 1 for p in live)
+    v = 1
+    if a_unit and c_unit:
+        v = vec([x for p in live for x in (p[0].data_ptr(), p[1].data_ptr())],
+                [x for p in live for x in (p[0].stride(0), p[1].stride(0), p[3], p[4])], weight.element_size())
     _multi_subnet_linear_fwd_kernel[(start,)](
         meta, len(rows), weight, bias if bias is not None else weight, b_strides[0], b_strides[1],
         HAS_BIAS=bias is not None, HAS_BP=has_bp, HAS_BJ=has_bj,
-        UPCAST=interp and weight.dtype == torch.bfloat16, INPUT_PRECISION=_precision(weight.dtype),
+        UPCAST=interp and weight.dtype == torch.bfloat16, INPUT_PRECISION=_precision(weight.dtype, weight.device),
         BLOCK_I=block_i, BLOCK_J=block_j, BLOCK_P=block_p, GROUP_I=8, NF=_FWD_FIELDS,
-        num_warps=num_warps,
+        A_UNIT=a_unit, C_UNIT=c_unit, VEC=v, num_warps=num_warps,
     )  # fmt: skip
 
 
@@ -342,21 +360,12 @@ def _inverse_maps(indices: list[Tensor | None], widths: list[int], full: int, de
     """int32 [S, full]: inv[s, c] = position of channel c in subnet s's list, -1 if absent (a few torch ops)."""
     S = len(indices)
     lists = [_index_list(indices, s, widths[s], device) for s in range(S)]
-    inv = torch.full((S * full,), -1, dtype=torch.int32, device=device)
-    total = sum(widths)
-    if total:
-        lengths = torch.tensor(widths, dtype=torch.int64).to(device)
-        sid = torch.repeat_interleave(torch.arange(S, device=device), lengths, output_size=total)
-        first = torch.cumsum(lengths, 0) - lengths
-        pos = torch.arange(total, device=device) - first[sid]
-        inv[sid * full + torch.cat(lists)] = pos.to(torch.int32)
-    return inv.view(S, full)
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 1
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    inv = torch.full((S, full), -1, dtype=torch.int32, device=device)
+    # S small scatters from device tensors only: no host-to-device copy, no sync (CUDA-graph safe).
+    for s in range(S):
+        if widths[s]:
+            inv[s].index_copy_(0, lists[s], torch.arange(widths[s], dtype=torch.int32, device=device))
+    return inv
 
 
 def _grad_weight_bias(
@@ -405,14 +414,14 @@ def _grad_weight_bias(
             g.stride(0), g.stride(1), x.stride(0), x.stride(1),
             inv_out[s].data_ptr() if inv_out is not None else 0, inv_in[s].data_ptr() if inv_in is not None else 0,
         ])  # fmt: skip
-    meta = torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True)
+    meta = device_table(rows, device)
     out_dtype = dtype if split == 1 else torch.float32
     gw = torch.empty((split, N, K) if need_w else (1, 1, 1), dtype=out_dtype, device=device)
     gb = torch.empty((split, N) if need_b else (1, 1), dtype=out_dtype, device=device)
     _multi_subnet_linear_bwd_weight_kernel[(tiles_n, tiles_k, split)](
         meta, S, weight, gw, gb, N, K, gw.stride(0), gw.stride(1), gw.stride(2), gb.stride(0),
         NEED_W=need_w, NEED_B=need_b, IDX_OUT=inv_out is not None, IDX_IN=inv_in is not None,
-        UPCAST=interp and dtype == torch.bfloat16, INPUT_PRECISION=_precision(dtype),
+        UPCAST=interp and dtype == torch.bfloat16, INPUT_PRECISION=_precision(dtype, device),
         BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_M=block_m, NF=_BWD_FIELDS, num_warps=num_warps,
     )  # fmt: skip
     if split > 1:  # fixed-order second pass over the fp32 partials

@@ -10,6 +10,7 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <optional>
 #include <string>
 
@@ -77,10 +78,20 @@ inline void check_index_values_device(const at::Tensor& index, int64_t dim, cons
   TORCH_CHECK_VALUE(s[2] > 0, op, ": ", arg, " must be sorted in strictly increasing order (no duplicates)");
 }
 
+// Whether the values of device (CUDA) index tensors are checked here: only with
+// STP_FAST_CHECK_INDICES=always (or 1).  The check costs a device sync, and the Python ops that call
+// these kernels have already checked their index tensors (once per tensor, see stp_fast/ops/_checks.py).
+inline bool device_index_checks_enabled() {
+  const char* v = std::getenv("STP_FAST_CHECK_INDICES");
+  if (v == nullptr) return false;
+  const std::string s(v);
+  return s == "always" || s == "1";
+}
+
 // Validates an optional channel index over a dimension of size `dim`: int64, 1-D, on `device`,
 // entries strictly increasing in [0, dim).  Returns its length, or -1 when the index is absent
-// (meaning "prefix").  The values are checked on the host for CPU tensors and with one sync
-// otherwise.  Later ops (masked_conv2d, multi-subnet ops) reuse this unchanged.
+// (meaning "prefix").  The values are checked on the host for CPU tensors; device tensors only when
+// device_index_checks_enabled() (one sync).  Later ops (masked_conv2d, multi-subnet ops) reuse this.
 inline int64_t check_index(const std::optional<at::Tensor>& index, int64_t dim, const at::Device& device,
                            const char* op, const char* arg) {
   if (!index.has_value()) return -1;
@@ -91,7 +102,7 @@ inline int64_t check_index(const std::optional<at::Tensor>& index, int64_t dim, 
   TORCH_CHECK_VALUE(idx.device() == device, op, ": ", arg, " is on ", idx.device(), " but x is on ", device);
   if (idx.is_cpu()) {
     check_index_values_host(idx, dim, op, arg);
-  } else {
+  } else if (device_index_checks_enabled()) {
     check_index_values_device(idx, dim, op, arg);
   }
   return idx.size(0);

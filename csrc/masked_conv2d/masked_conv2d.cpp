@@ -159,8 +159,11 @@ MaskedConv2dShape masked_conv2d_check_named(const at::Tensor& x, const at::Tenso
     const int64_t in_len = check_index(in_index, s.C_out, x.device(), op, names.in_index.c_str());
     s.in_prefix = in_len < 0;
     if (!s.in_prefix) {
-      TORCH_CHECK_VALUE(in_len == out_len && (in_index->is_same(*out_index) || at::equal(*in_index, *out_index)), op,
-                        ": depthwise needs ", names.in_index, " equal to ", names.out_index);
+      // Values of device tensors: compared only when device index checks are on (at::equal syncs).
+      const bool compare = in_index->is_cpu() || device_index_checks_enabled();
+      TORCH_CHECK_VALUE(in_len == out_len && (in_index->is_same(*out_index) || !compare ||
+                                              at::equal(*in_index, *out_index)),
+                        op, ": depthwise needs ", names.in_index, " equal to ", names.out_index);
     }
   } else {
     TORCH_CHECK_VALUE(!in_index.has_value() && !out_index.has_value() && s.k == s.C_in_per_group * groups &&

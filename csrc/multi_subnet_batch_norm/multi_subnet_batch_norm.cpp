@@ -103,8 +103,11 @@ int64_t check_param(const std::optional<at::Tensor>& p, const char* name, const 
   if (stats) {  // running statistics may be float32 for float16/bfloat16 layers
     TORCH_CHECK_TYPE(p->scalar_type() == x0.scalar_type() || p->scalar_type() == at::kFloat, kOp, ": ", name,
                      " must have xs[0]'s dtype (", x0.scalar_type(), ") or float32, got ", p->scalar_type());
-  } else {
-    CHECK_SAME_DTYPE(kOp, name, *p, "xs[0]", x0);
+  } else {  // affine parameters: x's dtype, or float32 for float16/bfloat16 inputs (mixed precision, autocast)
+    const bool mixed = is_reduced(x0.scalar_type()) && p->scalar_type() == at::kFloat;
+    TORCH_CHECK_TYPE(p->scalar_type() == x0.scalar_type() || mixed, kOp, ": ", name, " has dtype ",
+                     p->scalar_type(), " but xs[0] has ", x0.scalar_type(),
+                     "; it must have xs[0]'s dtype, or float32 for float16/bfloat16 inputs");
   }
   CHECK_SAME_DEVICE(kOp, name, *p, "xs[0]", x0);
   CHECK_DIM(kOp, name, *p, 1, "1-D [C]");

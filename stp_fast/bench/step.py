@@ -15,7 +15,8 @@ KL(softmax(full.detach() / T) || softmax(sub / T)) (batchmean) * T^2 with T = 1;
 speed-up over masked is the MACs ratio 5 x full / sum of the archs' MACs.  Targets: CPU (resnet20,
 32x32, batch 64, float32): >= 80% of the ideal over masked and >= 1.1x over sliced; GPU (resnet50,
 224x224, batch 128, ``--dtype bfloat16``): >= 2x over masked, with TFLOP/s against the measured
-bf16 matmul ceiling.
+bf16 matmul ceiling.  A 16-bit ``--dtype`` means mixed precision as training runs it: fp32 master
+weights, the step under ``torch.autocast`` (see :func:`setup`).
 
 stp_fast runs channels-last on the CPU by itself, the baselines as written (NCHW); for information a
 full run also times them after the usual channels-last recipe (``masked_cl``, ``sliced_cl``).  On the
@@ -156,15 +157,25 @@ def _handwritten(net, archs):
     return hand, [convert(a) for a in archs]
 
 
+AMP_DTYPES = (torch.bfloat16, torch.float16)
+
+
 def setup(case: Case, provider: str, mode: str, *, device: str = "cpu", dtype=torch.float32) -> Callable[[], None]:
+    """One training step of ``provider``.  16-bit ``dtype``: mixed precision as training runs it -- fp32
+    master weights and input, forward and loss under ``torch.autocast(device, dtype)``, backward outside
+    (never a model converted to 16 bits)."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
-    net, archs, x, labels = _setup_net(case, device, dtype)
+    amp = dtype in AMP_DTYPES
+    net, archs, x, labels = _setup_net(case, device, torch.float32 if amp else dtype)
     forward = forward_fn(provider, net, archs, x)
+    device_type = torch.device(device).type
 
     def step() -> None:
         net.zero_grad(set_to_none=True)
-        stp_loss(forward(), labels).backward()
+        with torch.autocast(device_type, dtype=dtype, enabled=amp):
+            loss = stp_loss(forward(), labels)
+        loss.backward()
 
     return step
 

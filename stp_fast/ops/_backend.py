@@ -184,11 +184,14 @@ def describe(family: str, device_type: str) -> tuple[str, dict[str, list[str]]]:
 
 
 # Devices on which the public multi-subnet functions run their backend directly from a
-# torch.autograd.Function in eager mode (see eager_ok).  CPU only: measured there (the custom-op
+# torch.autograd.Function in eager mode (see eager_ok).  Measured on the CPU (the custom-op
 # machinery -- argument defaults, pytree flattening, redispatch, in forward and backward -- cost
 # ~0.4 ms per layer call: a full + 4 subnet resnet20 STP step on 8x8 inputs, where little else
-# remains, went from 79 to 38 ms on one core); not yet measured on a GPU.
-EAGER_DEVICES = ("cpu",)
+# remains, went from 79 to 38 ms on one core).  On CUDA the GPU review measured the same host cost
+# (custom-op route 3.0-3.8 ms forward+backward per multi_subnet_conv2d call with S=5 and null kernels,
+# eager twin 0.8-1.05 ms) against 2-20 us of GPU work per CIFAR layer, so CUDA takes the twin too
+# (the same checks, autocast rule and kernels; benchmarks/gpu_check.sh times it).
+EAGER_DEVICES = ("cpu", "cuda")
 
 
 def eager_ok(device_type: str, tensors: tuple) -> bool:

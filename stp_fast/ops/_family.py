@@ -111,3 +111,15 @@ def add_block(full: Tensor, block: Tensor, rows: Tensor | int, cols: Tensor | in
 def put_block(like: Tensor, block: Tensor, rows: Tensor | int, cols: Tensor | int | None) -> Tensor:
     """A zero tensor shaped like ``like`` holding ``block`` at ``[rows][:, cols]`` (see take_block)."""
     return add_block(torch.zeros_like(like), block, rows, cols)
+
+
+def like_param(grad: Tensor, param: Tensor) -> Tensor:
+    """``grad`` with the strides ``torch.empty_like(param)`` has (what the fake kernels promise): the
+    param's own strides when it is dense (e.g. a channels-last conv weight), else contiguous.  A copy
+    only when a backend returned other strides."""
+    expected = torch.empty_like(param, device="meta").stride()
+    if grad.stride() == expected or grad.numel() <= 1:
+        return grad
+    out = torch.empty_like(param, dtype=grad.dtype)
+    out.copy_(grad)
+    return out

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor
 
 from stp_fast.ops._checks import check_device, check_float_tensor, check_index_static, check_index_values
@@ -33,7 +34,7 @@ def normalize_widths(
     if out_widths is None:
         return [int(t.shape[0]) for t in out_indices] if out_indices is not None else [full] * count
     if not isinstance(out_widths, (list, tuple)) or not all(
-        isinstance(w, int) and not isinstance(w, bool) for w in out_widths
+        isinstance(w, (int, torch.SymInt)) and not isinstance(w, bool) for w in out_widths
     ):
         raise TypeError(f"{op}: out_widths must be a list of ints, got {out_widths!r}")
     if len(out_widths) != count:

@@ -19,15 +19,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from stp_fast.ops import _backend
+from stp_fast.ops import _autocast, _backend
 from stp_fast.ops._checks import (
     check_device,
     check_float_tensor,
     check_index_static,
     check_index_values,
+    check_same_index,
     normalize_index,
 )
-from stp_fast.ops._family import put_block, register_family, take_block, triton_dtype_reasons
+from stp_fast.ops._family import like_param, put_block, register_family, take_block, triton_dtype_reasons
 
 OP = "masked_conv2d"
 
@@ -85,7 +86,8 @@ def masked_conv2d_ref(
         shape = output_shape(x, weight, w.shape[0], stride, padding, dilation)
         y = x.new_zeros(shape) + (0 if b is None else b.view(1, -1, 1, 1))
         return y.contiguous(memory_format=memory_format(x))
-    return F.conv2d(x, w, b, stride, padding, dilation, g)
+    # F.conv2d picks channels-last when the weight is; the op's contract (and fake) follow x alone
+    return F.conv2d(x, w, b, stride, padding, dilation, g).contiguous(memory_format=memory_format(x))
 
 
 def _ref_forward(x, weight, bias, in_index, out_index, out_width, stride, padding, dilation, groups):
@@ -103,7 +105,7 @@ def _ref_backward(g, x, weight, in_index, out_index, out_width, stride, padding,
         )
     gw = put_block(weight, gw_c, rows, cols) if nw else None
     gb = put_block(weight.new_empty(weight.shape[0]), gb_c, rows, None) if nb else None
-    return (gx if nx else None), gw, gb
+    return (gx.contiguous(memory_format=memory_format(x)) if nx else None), gw, gb
 
 
 register_family(OP, ref_forward=_ref_forward, ref_backward=_ref_backward, triton_reasons=triton_dtype_reasons)
@@ -170,8 +172,9 @@ def _check_values(weight, in_index, out_index, groups) -> None:
     if in_index is not None:
         dim = weight.shape[0] if groups > 1 else weight.shape[1]
         check_index_values(in_index, dim, op=OP, arg="in_index")
-        if groups > 1 and out_index is not None and not torch.equal(in_index, out_index):
-            raise ValueError(f"{OP}: depthwise needs in_index and out_index to be the same channels")
+        if groups > 1 and out_index is not None:
+            msg = f"{OP}: depthwise needs in_index and out_index to be the same channels"
+            check_same_index(in_index, out_index, msg)
     if out_index is not None:
         check_index_values(out_index, weight.shape[0], op=OP, arg="out_index")
 
@@ -193,7 +196,16 @@ def memory_format(x: Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-@torch.library.custom_op("stp_fast::masked_conv2d", mutates_args=())
+_CONV = "int[2] stride, int[2] padding, int[2] dilation, int groups"
+
+
+# Explicit schemas: SymInt widths, so torch.compile with dynamic shapes does not specialise on them.
+@torch.library.custom_op(
+    "stp_fast::masked_conv2d",
+    mutates_args=(),
+    schema="(Tensor x, Tensor weight, Tensor? bias, Tensor? in_index, Tensor? out_index, SymInt out_width, "
+    f"{_CONV}) -> Tensor",
+)
 def _masked_conv2d_op(
     x: Tensor,
     weight: Tensor,
@@ -220,7 +232,12 @@ def _(x, weight, bias, in_index, out_index, out_width, stride, padding, dilation
     return x.new_empty(shape).contiguous(memory_format=memory_format(x))
 
 
-@torch.library.custom_op("stp_fast::masked_conv2d_backward", mutates_args=())
+@torch.library.custom_op(
+    "stp_fast::masked_conv2d_backward",
+    mutates_args=(),
+    schema="(Tensor grad_out, Tensor x, Tensor weight, Tensor? in_index, Tensor? out_index, SymInt out_width, "
+    f"{_CONV}, bool need_x, bool need_weight, bool need_bias) -> (Tensor, Tensor, Tensor)",
+)
 def _masked_conv2d_backward_op(
     grad_out: Tensor,
     x: Tensor,
@@ -243,7 +260,7 @@ def _masked_conv2d_backward_op(
     empty = x.new_empty(0)
     return (
         gx if gx is not None else empty,
-        gw if gw is not None else empty.clone(),
+        like_param(gw, weight) if gw is not None else empty.clone(),
         gb if gb is not None else empty.clone(),
     )
 
@@ -254,7 +271,7 @@ def _(grad_out, x, weight, in_index, out_index, out_width, stride, padding, dila
         x.new_empty(x.shape if nx else (0,)).contiguous(
             memory_format=memory_format(x) if nx else torch.contiguous_format
         ),
-        weight.new_empty(weight.shape if nw else (0,)),
+        torch.empty_like(weight) if nw else weight.new_empty(0),  # the weight's strides (channels-last too)
         weight.new_empty((weight.shape[0],) if nb else (0,)),
     )
 
@@ -276,6 +293,7 @@ def _backward(ctx, grad_out):
 
 
 _masked_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
+_autocast.register(torch.ops.stp_fast.masked_conv2d.default, "stp_fast::masked_conv2d")
 
 
 def masked_conv2d(
@@ -301,10 +319,14 @@ def masked_conv2d(
         stride, padding, dilation, groups: as in ``torch.nn.functional.conv2d``.
     Returns:
         (B, n, OH, OW), channels-last when x is.  Saved for backward: x, weight, index tensors.
+        Under ``torch.autocast`` it behaves like ``F.conv2d`` (inputs cast to the autocast dtype, fp32
+        accumulation, the output in that dtype, fp32 weights get fp32 gradients).
     Raises:
         TypeError / ValueError naming the argument on wrong dtypes, devices, shapes or indices.
     """
     check_float_tensor(x, op=OP, arg="x")
+    check_float_tensor(weight, op=OP, arg="weight")
+    x, weight, bias = _autocast.inputs(x.device.type, x, weight, bias)
     check_float_tensor(weight, op=OP, arg="weight", dtype=x.dtype)
     if weight.dim() != 4:
         raise ValueError(f"{OP}: weight must be 4-D [C_out, C_in/groups, kh, kw], got shape {tuple(weight.shape)}")

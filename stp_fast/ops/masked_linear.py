@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from stp_fast.ops import _backend
+from stp_fast.ops import _autocast, _backend
 from stp_fast.ops._checks import (
     check_device,
     check_float_tensor,
@@ -24,7 +24,7 @@ from stp_fast.ops._checks import (
     check_index_values,
     normalize_index,
 )
-from stp_fast.ops._family import put_block, register_family, take_block, triton_dtype_reasons
+from stp_fast.ops._family import like_param, put_block, register_family, take_block, triton_dtype_reasons
 
 OP = "masked_linear"
 
@@ -116,7 +116,12 @@ def _check_values(weight, in_index, out_index) -> None:
         check_index_values(out_index, weight.shape[0], op=OP, arg="out_index")
 
 
-@torch.library.custom_op("stp_fast::masked_linear", mutates_args=())
+# Explicit schemas: SymInt widths, so torch.compile with dynamic shapes does not specialise on them.
+@torch.library.custom_op(
+    "stp_fast::masked_linear",
+    mutates_args=(),
+    schema="(Tensor x, Tensor weight, Tensor? bias, Tensor? in_index, Tensor? out_index, SymInt out_width) -> Tensor",
+)
 def _masked_linear_op(
     x: Tensor,
     weight: Tensor,
@@ -139,7 +144,12 @@ def _(x, weight, bias, in_index, out_index, out_width):
     return x.new_empty(*x.shape[:-1], out_width)
 
 
-@torch.library.custom_op("stp_fast::masked_linear_backward", mutates_args=())
+@torch.library.custom_op(
+    "stp_fast::masked_linear_backward",
+    mutates_args=(),
+    schema="(Tensor grad_out, Tensor x, Tensor weight, Tensor? in_index, Tensor? out_index, SymInt out_width, "
+    "bool need_x, bool need_weight, bool need_bias) -> (Tensor, Tensor, Tensor)",
+)
 def _masked_linear_backward_op(
     grad_out: Tensor,
     x: Tensor,
@@ -157,7 +167,7 @@ def _masked_linear_backward_op(
     empty = x.new_empty(0)
     return (
         gx.reshape(x.shape) if gx is not None else empty,
-        gw if gw is not None else empty.clone(),
+        like_param(gw, weight) if gw is not None else empty.clone(),
         gb if gb is not None else empty.clone(),
     )
 
@@ -166,7 +176,7 @@ def _masked_linear_backward_op(
 def _(grad_out, x, weight, in_index, out_index, out_width, need_x, need_weight, need_bias):
     return (
         x.new_empty(x.shape if need_x else (0,)),
-        weight.new_empty(weight.shape if need_weight else (0,)),
+        torch.empty_like(weight) if need_weight else weight.new_empty(0),
         weight.new_empty((weight.shape[0],) if need_bias else (0,)),
     )
 
@@ -187,6 +197,7 @@ def _backward(ctx, grad_out):
 
 
 _masked_linear_op.register_autograd(_backward, setup_context=_setup_context)
+_autocast.register(torch.ops.stp_fast.masked_linear.default, "stp_fast::masked_linear")
 
 
 def masked_linear(
@@ -208,10 +219,14 @@ def masked_linear(
         out_index: the n active outputs, in the same three forms (None: all N).
     Returns:
         (..., n) tensor.  Saved for backward: x, weight and the index tensors (no sliced copies).
+        Under ``torch.autocast`` it behaves like ``F.linear`` (inputs cast to the autocast dtype, fp32
+        accumulation, the output in that dtype, fp32 weights get fp32 gradients).
     Raises:
         TypeError / ValueError naming the argument on wrong dtypes, devices, shapes or indices.
     """
     check_float_tensor(x, op=OP, arg="x")
+    check_float_tensor(weight, op=OP, arg="weight")
+    x, weight, bias = _autocast.inputs(x.device.type, x, weight, bias)
     check_float_tensor(weight, op=OP, arg="weight", dtype=x.dtype)
     if weight.dim() != 2:
         raise ValueError(f"{OP}: weight must be 2-D [N, K], got {weight.dim()}-D of shape {tuple(weight.shape)}")

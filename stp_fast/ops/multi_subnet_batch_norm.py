@@ -118,6 +118,15 @@ def _ref_backward(grads, xs, weight, bias, means, invstds, indices, training, re
 register_family(OP, ref_forward=_ref_forward, ref_backward=_ref_backward, triton_reasons=triton_dtype_reasons)
 
 
+def _check_affine_dtype(t: Tensor, name: str, x_dtype: torch.dtype) -> None:
+    """weight/bias: x's dtype, or float32 for float16/bfloat16 inputs (mixed precision: PyTorch's BatchNorm
+    under ``torch.autocast`` keeps the input's dtype and fp32 parameters)."""
+    check_float_tensor(t, op=OP, arg=name)
+    if t.dtype != x_dtype and not (t.dtype == torch.float32 and x_dtype in (torch.float16, torch.bfloat16)):
+        raise TypeError(f"{OP}: {name} has dtype {t.dtype} but xs[0] has {x_dtype}; it must have xs[0]'s dtype, "
+                        "or float32 for float16/bfloat16 inputs")  # fmt: skip
+
+
 def _check_static(xs, weight, bias, running_mean, running_var, indices, training) -> int:
     _multi.check_subnet_list(xs, op=OP, ndim=None, what="[B_s, c_s] or [B_s, c_s, *spatial]")
     device = xs[0].device
@@ -131,7 +140,7 @@ def _check_static(xs, weight, bias, running_mean, running_var, indices, training
             raise ValueError(f"{OP}: {name} must be 1-D with {full} channels, got shape {tuple(t.shape)}")
         check_device(t, device, op=OP, arg=name)
         if name in ("weight", "bias"):
-            check_float_tensor(t, op=OP, arg=name, dtype=xs[0].dtype)
+            _check_affine_dtype(t, name, xs[0].dtype)
         elif not t.is_floating_point():
             raise TypeError(f"{OP}: {name} must be a float tensor, got {t.dtype}")
     if not training and (running_mean is None or running_var is None):
@@ -317,9 +326,11 @@ def multi_subnet_batch_norm(
             network); None: no update.  Other subnets never touch them.
     Returns:
         S normalised tensors shaped like ``xs``.  One autograd node; affine gradients sum over subnets.
-        In plain eager mode on the CPU the node is ``MultiSubnetBatchNormFunction`` (the same checks
+        In plain eager mode (CPU and CUDA) the node is ``MultiSubnetBatchNormFunction`` (the same checks
         and kernels without the custom-op dispatch), otherwise the custom op.  Saved for backward: the
         inputs, the statistics, and on the CPU with ``relu`` the outputs (the ReLU's mask).
+        float16/bfloat16 inputs may come with float32 weight/bias (PyTorch's BatchNorm under
+        ``torch.autocast``): outputs keep the input's dtype, statistics and parameter gradients are fp32.
     """
     if not isinstance(xs, (list, tuple)):
         raise TypeError(f"{OP}: xs must be a list of tensors, got {type(xs).__name__}")

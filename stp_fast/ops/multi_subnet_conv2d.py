@@ -14,9 +14,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from stp_fast.ops import _backend, _multi
-from stp_fast.ops._checks import check_device, check_float_tensor
-from stp_fast.ops._family import add_block, register_family, take_block, triton_dtype_reasons
+from stp_fast.ops import _autocast, _backend, _multi
+from stp_fast.ops._checks import check_device, check_float_tensor, check_same_index
+from stp_fast.ops._family import add_block, like_param, register_family, take_block, triton_dtype_reasons
 from stp_fast.ops.masked_conv2d import masked_conv2d_ref, memory_format, output_shape, pair
 
 OP = "multi_subnet_conv2d"
@@ -75,7 +75,7 @@ def _ref_backward(grads, xs, weight, out_widths, in_indices, out_indices, stride
             [need_x, need_w, need_b],
         )  # fmt: skip
         if need_x:
-            gxs.append(gx)
+            gxs.append(gx.contiguous(memory_format=memory_format(x)))
         if need_w:
             add_block(gw, gw_c, rows, cols)
         if need_b:
@@ -133,8 +133,7 @@ def _check_values(weight, in_indices, out_indices, groups) -> None:
     _multi.check_index_list_values(out_indices, weight.shape[0], op=OP, arg="out_indices")
     if depthwise and in_indices is not None:
         for s, (a, b) in enumerate(zip(in_indices, out_indices)):
-            if not torch.equal(a, b):
-                raise ValueError(f"{OP}: depthwise subnet {s} needs in_indices[{s}] == out_indices[{s}]")
+            check_same_index(a, b, f"{OP}: depthwise subnet {s} needs in_indices[{s}] == out_indices[{s}]")
 
 
 def _run_forward(xs, weight, bias, out_widths, in_indices, out_indices, stride, padding, dilation, groups):
@@ -166,7 +165,7 @@ def _dense_grads(grads, xs, weight, out_widths, stride, padding, dilation) -> li
 @torch.library.custom_op(
     "stp_fast::multi_subnet_conv2d",
     mutates_args=(),
-    schema="(Tensor[] xs, Tensor weight, Tensor? bias, int[] out_widths, Tensor[]? in_indices, "
+    schema="(Tensor[] xs, Tensor weight, Tensor? bias, SymInt[] out_widths, Tensor[]? in_indices, "
     f"Tensor[]? out_indices, {_CONV}) -> Tensor[]",
 )
 def _multi_subnet_conv2d_op(xs, weight, bias, out_widths, in_indices, out_indices, stride, padding, dilation, groups):
@@ -185,7 +184,7 @@ def _(xs, weight, bias, out_widths, in_indices, out_indices, stride, padding, di
 @torch.library.custom_op(
     "stp_fast::multi_subnet_conv2d_backward",
     mutates_args=(),
-    schema="(Tensor[] grads, Tensor[] xs, Tensor weight, int[] out_widths, Tensor[]? in_indices, "
+    schema="(Tensor[] grads, Tensor[] xs, Tensor weight, SymInt[] out_widths, Tensor[]? in_indices, "
     f"Tensor[]? out_indices, {_CONV}, bool need_x, bool need_weight, bool need_bias) -> (Tensor[], Tensor, Tensor)",
 )
 def _multi_subnet_conv2d_backward_op(grads, xs, weight, out_widths, in_indices, out_indices, stride, padding,
@@ -193,14 +192,15 @@ def _multi_subnet_conv2d_backward_op(grads, xs, weight, out_widths, in_indices, 
     gxs, gw, gb = _run_backward(grads, xs, weight, out_widths, in_indices, out_indices, stride, padding, dilation,
                                 groups, need_x, need_weight, need_bias)  # fmt: skip
     empty = weight.new_empty(0)
-    return (list(gxs) if need_x else [], gw if gw is not None else empty, gb if gb is not None else empty.clone())
+    gw = like_param(gw, weight) if gw is not None else empty
+    return (list(gxs) if need_x else [], gw, gb if gb is not None else empty.clone())
 
 
 @_multi_subnet_conv2d_backward_op.register_fake
 def _(grads, xs, weight, out_widths, in_indices, out_indices, stride, padding, dilation, groups, nx, nw, nb):
     return (
         [x.new_empty(x.shape).contiguous(memory_format=memory_format(x)) for x in xs] if nx else [],
-        weight.new_empty(weight.shape if nw else (0,)),
+        torch.empty_like(weight) if nw else weight.new_empty(0),  # the weight's strides (channels-last too)
         weight.new_empty((weight.shape[0],) if nb else (0,)),
     )
 
@@ -224,6 +224,7 @@ def _backward(ctx, grads):
 
 
 _multi_subnet_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
+_autocast.register(torch.ops.stp_fast.multi_subnet_conv2d.default, "stp_fast::multi_subnet_conv2d")
 
 
 class MultiSubnetConv2dFunction(torch.autograd.Function):
@@ -274,9 +275,11 @@ def multi_subnet_conv2d(
         stride, padding, dilation: as in ``F.conv2d``, shared by all subnets.
     Returns:
         S tensors (B_s, out_widths[s], OH, OW), channels-last where the input is.  One autograd node;
-        weight and bias gradients sum over the subnets.  In plain eager mode on the CPU the node is
+        weight and bias gradients sum over the subnets.  In plain eager mode (CPU and CUDA) the node is
         ``MultiSubnetConv2dFunction`` (the same checks and kernels without the custom-op dispatch),
         otherwise the custom op ``stp_fast::multi_subnet_conv2d``.
+        Under ``torch.autocast`` it behaves like ``F.conv2d``: float inputs are cast to the autocast
+        dtype, the outputs have it, fp32 weights get fp32 gradients (``stp_fast.ops._autocast``).
     """
     if not isinstance(xs, (list, tuple)):
         raise TypeError(f"{OP}: xs must be a list of tensors, got {type(xs).__name__}")
@@ -288,7 +291,8 @@ def multi_subnet_conv2d(
     widths = _multi.normalize_widths(out_widths, out_indices, len(xs), weight.shape[0], op=OP)
     if groups > 1 and (in_indices is None) != (out_indices is None):  # depthwise: one list names both sides
         in_indices = out_indices = in_indices if in_indices is not None else out_indices
-    xs = list(xs)
+    device = weight.device.type
+    xs, weight, bias = _autocast.inputs(device, list(xs), weight, bias)
     params = (
         widths,
         None if in_indices is None else list(in_indices),
@@ -298,6 +302,9 @@ def multi_subnet_conv2d(
         pair(dilation, "dilation", op=OP, minimum=1),
         groups,
     )
-    if _backend.eager_ok(weight.device.type, (*xs, weight, bias)):
-        return list(MultiSubnetConv2dFunction.apply(weight, bias, params, *xs))
+    if _backend.eager_ok(device, (*xs, weight, bias)):
+        if _autocast.dtype(device) is None:
+            return list(MultiSubnetConv2dFunction.apply(weight, bias, params, *xs))
+        with _autocast.excluded(device):  # inputs cast above; the body runs as the custom op's does
+            return list(MultiSubnetConv2dFunction.apply(weight, bias, params, *xs))
     return _multi_subnet_conv2d_op(xs, weight, bias, *params)

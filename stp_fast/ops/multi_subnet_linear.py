@@ -15,9 +15,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from stp_fast.ops import _backend, _multi
+from stp_fast.ops import _autocast, _backend, _multi
 from stp_fast.ops._checks import check_device, check_float_tensor
-from stp_fast.ops._family import add_block, register_family, triton_dtype_reasons
+from stp_fast.ops._family import add_block, like_param, register_family, triton_dtype_reasons
 from stp_fast.ops._multi import (
     check_index_list,
     check_index_list_values,
@@ -103,7 +103,7 @@ def _rows(t: Tensor) -> Tensor:
 @torch.library.custom_op(
     "stp_fast::multi_subnet_linear",
     mutates_args=(),
-    schema="(Tensor[] xs, Tensor weight, Tensor? bias, int[] out_widths, Tensor[]? in_indices, "
+    schema="(Tensor[] xs, Tensor weight, Tensor? bias, SymInt[] out_widths, Tensor[]? in_indices, "
     "Tensor[]? out_indices) -> Tensor[]",
 )
 def _multi_subnet_linear_op(
@@ -132,7 +132,7 @@ def _(xs, weight, bias, out_widths, in_indices, out_indices):
 @torch.library.custom_op(
     "stp_fast::multi_subnet_linear_backward",
     mutates_args=(),
-    schema="(Tensor[] grads, Tensor[] xs, Tensor weight, int[] out_widths, Tensor[]? in_indices, "
+    schema="(Tensor[] grads, Tensor[] xs, Tensor weight, SymInt[] out_widths, Tensor[]? in_indices, "
     "Tensor[]? out_indices, bool need_x, bool need_weight, bool need_bias) -> (Tensor[], Tensor, Tensor)",
 )
 def _multi_subnet_linear_backward_op(
@@ -153,7 +153,7 @@ def _multi_subnet_linear_backward_op(
     empty = weight.new_empty(0)
     return (
         [gx.reshape(x.shape) for gx, x in zip(gxs, xs)] if need_x else [],
-        gw if gw is not None else empty,
+        like_param(gw, weight) if gw is not None else empty,
         gb if gb is not None else empty.clone(),
     )
 
@@ -162,7 +162,7 @@ def _multi_subnet_linear_backward_op(
 def _(grads, xs, weight, out_widths, in_indices, out_indices, need_x, need_weight, need_bias):
     return (
         [x.new_empty(x.shape) for x in xs] if need_x else [],
-        weight.new_empty(weight.shape if need_weight else (0,)),
+        torch.empty_like(weight) if need_weight else weight.new_empty(0),
         weight.new_empty((weight.shape[0],) if need_bias else (0,)),
     )
 
@@ -189,6 +189,7 @@ def _backward(ctx, grads):
 
 
 _multi_subnet_linear_op.register_autograd(_backward, setup_context=_setup_context)
+_autocast.register(torch.ops.stp_fast.multi_subnet_linear.default, "stp_fast::multi_subnet_linear")
 
 
 def multi_subnet_linear(
@@ -210,7 +211,8 @@ def multi_subnet_linear(
         in_indices / out_indices: None (prefixes, the fast path) or S sorted unique int64 tensors.
     Returns:
         S tensors, output s of shape (..., out_widths[s]).  One autograd node; the gradients of
-        weight and bias sum over the subnets.
+        weight and bias sum over the subnets.  Under ``torch.autocast`` it behaves like ``F.linear``
+        (inputs cast to the autocast dtype, fp32 weights get fp32 gradients).
     """
     if not isinstance(xs, (list, tuple)):
         raise TypeError(f"{OP}: xs must be a list of tensors, got {type(xs).__name__}")
@@ -218,8 +220,9 @@ def multi_subnet_linear(
     if weight.dim() != 2:
         raise ValueError(f"{OP}: weight must be 2-D [N, K], got {weight.dim()}-D of shape {tuple(weight.shape)}")
     widths = normalize_widths(out_widths, out_indices, len(xs), weight.shape[0], op=OP)
+    xs, weight, bias = _autocast.inputs(weight.device.type, list(xs), weight, bias)
     return _multi_subnet_linear_op(
-        list(xs), weight, bias, widths,
+        xs, weight, bias, widths,
         None if in_indices is None else list(in_indices),
         None if out_indices is None else list(out_indices),
     )  # fmt: skip

@@ -361,6 +361,7 @@ import torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 import stp_fast.kernels.masked_conv2d as m
+m._interpreted = lambda: False  # the GPU tile heuristics
 
 def build(fn, ptrs, consts, warps):
     sig = {n: "constexpr" if n in consts else ptrs.get(n, "i32") for n in fn.arg_names}
@@ -369,14 +370,17 @@ def build(fn, ptrs, consts, warps):
 for dtype, name in ((torch.float16, "*fp16"), (torch.bfloat16, "*bf16"), (torch.float32, "*fp32")):
     prec = "tf32" if dtype == torch.float32 else "ieee"
     conv = {"meta_ptr": "*i64", "w_ptr": name, "bias_ptr": name}
-    for cols, tr in ((256, False), (24, True)):
-        bm, bn, bk, w = m._gemm_tiles(4096, cols, 64, dtype)
+    vec = 16 // dtype.itemsize
+    for cols, tr, taps, unit, v in ((256, False, 9, False, 1), (24, True, 9, True, vec), (256, False, 1, True, vec)):
+        bm, bn, bk, w = m._gemm_tiles(4096, cols, 64, dtype, taps)
         build(m._conv_igemm_kernel, conv, dict(TRANSPOSED=tr, HAS_BIAS=not tr, HAS_RED_IDX=tr, HAS_COL_IDX=tr,
-              OFF64=False, UPCAST=False, INPUT_PRECISION=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), w)
+              OFF64=False, UPCAST=False, INPUT_PRECISION=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+              A_UNIT=unit, C_UNIT=unit, VEC=v), w)
     bm, bn, bp, w = m._wgrad_tiles(False, 64, 64, 10**6, dtype)
     grad = {"meta_ptr": "*i64", "inv_red_ptr": "*i64", "inv_col_ptr": "*i64", "out_ptr": "*fp32", "w_ptr": name}
-    build(m._conv_wgrad_kernel, grad, dict(HAS_RED_IDX=True, HAS_COL_IDX=False, UPCAST=False, INPUT_PRECISION=prec,
-          BLOCK_M=bm, BLOCK_N=bn, BLOCK_P=bp), w)
+    for idx, unit, v in ((True, False, 1), (False, True, vec)):
+        build(m._conv_wgrad_kernel, grad, dict(HAS_RED_IDX=idx, HAS_COL_IDX=False, UPCAST=False,
+              INPUT_PRECISION=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_P=bp, A_UNIT=unit, C_UNIT=unit, VEC=v), w)
     bm, bn = m._dw_tiles(4096, 64)
     build(m._dw_conv_kernel, conv, dict(TRANSPOSED=True, HAS_BIAS=False, HAS_IDX=True, BLOCK_M=bm, BLOCK_N=bn), 4)
     _, bn, bp, w = m._wgrad_tiles(True, 64, 64, 10**6, dtype)
@@ -393,3 +397,97 @@ def test_kernels_compile_for_sm90() -> None:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-6000:]
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU-side choices checked on the CPU: coalesced weights, alignment hints, warps, TF32
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["forward", "grad_x"])
+@pytest.mark.parametrize("layout", ["oihw", "cl", "1x1"])
+def test_coalesced_weight(transposed: bool, layout: str) -> None:
+    """Same logical weight; the column axis of the implicit GEMM (C_out forward, C_in grad x) has
+    stride 1 unless the weight already has a unit-stride channel axis (used as it is, no copy)."""
+    from stp_fast.kernels.masked_conv2d import coalesced_weight
+
+    w = torch.randn(7, 5, *((1, 1) if layout == "1x1" else (3, 3)))
+    if layout == "cl":
+        w = w.contiguous(memory_format=torch.channels_last)
+    packed = coalesced_weight(w, transposed)
+    assert torch.equal(packed, w)
+    if layout == "oihw":
+        assert packed.stride(1 if transposed else 0) == 1
+    else:
+        assert packed.data_ptr() == w.data_ptr()
+
+
+def test_aligned_channels_last_uses_vector_hints(monkeypatch) -> None:
+    """Channels-last activations with widths, strides and offsets that are multiples of 4 (fp32: 16 bytes)
+    take the VEC path of the implicit GEMM and grad-W kernels (its hints are no-ops here, its code is not)."""
+    import stp_fast.kernels.masked_conv2d as m
+
+    seen = []
+    real = m._unit_and_vec
+    monkeypatch.setattr(m, "_unit_and_vec", lambda *a: seen.append(real(*a)) or seen[-1])
+    check_case(Case([(2, 8, 12), (1, 4, 8), (2, 12, 4)], 12, 12, padding=(1, 1), layout="cl"), multi=True)
+    assert seen and all(v == (True, True, 4) for v in seen), seen
+    seen.clear()
+    check_case(Case([(2, 6, 5)], 8, 8, padding=(1, 1), layout="cl"), multi=False)  # odd widths: no hints
+    assert seen and all(v == (True, True, 1) for v in seen), seen
+
+
+def test_gemm_tiles_cap_warps_for_non_1x1(monkeypatch) -> None:
+    """Review item 5 (triton#1254): 4 warps and <= 64x64 tiles for KH*KW > 1 unless STP_FAST_CONV_WARPS=8."""
+    import stp_fast.kernels.masked_conv2d as m
+
+    monkeypatch.setattr(m, "_interpreted", lambda: False)
+    monkeypatch.delenv("STP_FAST_CONV_WARPS", raising=False)
+    for dtype in (torch.float32, torch.bfloat16):
+        bm, bn, _, warps = m._gemm_tiles(10**5, 512, 512, dtype, taps=9)
+        assert warps == 4 and bm <= 64 and bn <= 64
+        assert m._gemm_tiles(10**5, 512, 512, dtype, taps=1)[3] == 8
+    monkeypatch.setenv("STP_FAST_CONV_WARPS", "8")
+    assert m._gemm_tiles(10**5, 512, 512, torch.bfloat16, taps=9)[3] == 8
+
+
+def test_tf32_follows_pytorch_settings(monkeypatch) -> None:
+    """fp32 Triton convs use TF32 exactly when cuDNN convs may, matmuls when cuBLAS may; never under the
+    interpreter or for 16-bit inputs (the device only needs to be named, no GPU is touched)."""
+    from stp_fast.kernels import _common
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(_common, "interpreted", lambda: False)
+    with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=True):
+        assert _common.input_precision(torch.float32, cuda, "conv") == "tf32"
+        assert _common.input_precision(torch.bfloat16, cuda, "conv") == "ieee"
+        assert _common.input_precision(torch.float32, torch.device("cpu"), "conv") == "ieee"
+    with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=False):
+        assert _common.input_precision(torch.float32, cuda, "conv") == "ieee"
+    old = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        assert _common.input_precision(torch.float32, cuda, "matmul") == "tf32"
+        torch.backends.cuda.matmul.allow_tf32 = False
+        assert _common.input_precision(torch.float32, cuda, "matmul") == "ieee"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+    monkeypatch.setattr(_common, "interpreted", lambda: True)
+    assert _common.input_precision(torch.float32, cuda, "conv") == "ieee"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("channels", [(5, 7), (64, 64)])
+def test_tf32_conv_within_tolerance(allow_tf32, channels) -> None:
+    """With TF32 allowed (PyTorch's default for convolutions) the fp32 Triton conv and its gradients are
+    within ``TF32_REL_FRO`` of float64, at small odd and at tensor-core-friendly channel counts."""
+    from stp_fast.testing import TF32_REL_FRO, rel_fro_err
+
+    c_in, c_out = channels
+    case = Case([(4, c_in, c_out)], c_in, c_out, hw=(12, 12), padding=(1, 1))
+    weight, bias, subs = _make_inputs(case, seed=11)
+    oracle = _ref(case, weight.double(), bias.double(), subs, torch.float64)
+    ys, gxs, gw, _gb = _run_triton(case, weight, bias, subs, multi=True)
+    for name, a, o in (("y", ys[0], oracle[0][0]), ("grad_x", gxs[0], oracle[1][0]), ("grad_w", gw, oracle[2])):
+        err = rel_fro_err(a.cpu(), o)
+        assert err <= TF32_REL_FRO, f"{name}: relative Frobenius error {err:.3g} > {TF32_REL_FRO}"

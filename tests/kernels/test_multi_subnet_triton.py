@@ -452,3 +452,112 @@ def test_bn_need_flags():
     assert only_b[0] is None and only_b[1] is None and torch.equal(only_b[2], full[2])
     with pytest.raises(ValueError, match="running_mean"):
         multi_subnet_batch_norm_fwd_triton(xs, weight, bias, None, None, ind_d, False, EPS, True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Alignment hints (VEC) and the mixed-precision BN parameters (fp32 affine, 16-bit inputs)
+# --------------------------------------------------------------------------------------------------
+
+
+def _spy_vec(monkeypatch, module):
+    seen = []
+    real = module.vec
+    monkeypatch.setattr(module, "vec", lambda *a: seen.append(real(*a)) or seen[-1])
+    return seen
+
+
+def test_linear_aligned_widths_take_vec_path(monkeypatch):
+    """Widths and strides that are multiples of 4 fp32 elements (16 bytes) run the hinted code path."""
+    seen = _spy_vec(monkeypatch, msl)
+    _check_linear([5, 3], [(8, 12), (4, 16)], 16, 12, bias=True)
+    assert seen and max(seen) == 4, seen
+
+
+def test_bn_aligned_take_vec_path(monkeypatch):
+    """Channels-last with channel counts that are multiples of 4 (fp32): hinted path; NCHW with an odd
+    spatial plane (5x6): no hints."""
+    seen = _spy_vec(monkeypatch, msbn)
+    _check_bn([2, 1], [8, 4], 8, "cl", training=True, relu=True, index=False)
+    assert seen and min(seen) == 4, seen
+    seen.clear()
+    _check_bn([2, 1], [8, 4], 8, "nchw", training=True, relu=True, index=False)
+    assert seen and max(seen) == 1, seen
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_bn_float32_affine_with_half_inputs(dtype):
+    """Autocast's BatchNorm: 16-bit activations, fp32 weight/bias; gradients come back in fp32."""
+    gen = torch.Generator().manual_seed(4)
+    xs = [torch.randn(3, 6, 4, 5, generator=gen), torch.randn(2, 4, 4, 5, generator=gen)]
+    xs = [x.to(DEVICE, dtype) for x in xs]
+    gs = [torch.randn(x.shape, generator=gen).to(DEVICE, dtype) for x in xs]
+    w = torch.randn(6, generator=gen).to(DEVICE)
+    b = torch.randn(6, generator=gen).to(DEVICE)
+    ys, means, invstds = multi_subnet_batch_norm_fwd_triton(xs, w, b, None, None, None, True, 1e-5, False)
+    _gxs, gw, gb = multi_subnet_batch_norm_bwd_triton(gs, xs, w, b, means, invstds, None, True, False, True, True, True)
+    assert gw.dtype == gb.dtype == torch.float32 and all(y.dtype == dtype for y in ys)
+    ref_w, ref_b = w.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+    loss = 0
+    for x, g, y in zip(xs, gs, ys):
+        c = x.shape[1]
+        yr = F.batch_norm(x.double(), None, None, ref_w[:c].double(), ref_b[:c].double(), training=True)
+        torch.testing.assert_close(y.double(), yr.detach(), atol=0.05, rtol=0.02)
+        loss = loss + (yr * g.double()).sum()
+    loss.backward()
+    torch.testing.assert_close(gw, ref_w.grad, atol=1e-2 * ref_w.grad.abs().max().item(), rtol=1e-2)
+    torch.testing.assert_close(gb, ref_b.grad, atol=1e-2 * ref_b.grad.abs().max().item(), rtol=1e-2)
+
+
+_AOT_SCRIPT = r"""
+import os
+os.environ.pop("TRITON_INTERPRET", None)
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import stp_fast.kernels.multi_subnet_linear as msl
+import stp_fast.kernels.multi_subnet_batch_norm as msbn
+import stp_fast.kernels.masked_linear as ml
+
+def build(fn, ptrs, consts, warps):
+    sig = {n: "constexpr" if n in consts else ptrs.get(n, "i32") for n in fn.arg_names}
+    sig.update({n: "fp32" for n in ("eps",) if n in sig})
+    triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+
+for dtype, name in ((torch.bfloat16, "*bf16"), (torch.float32, "*fp32")):
+    prec = "tf32" if dtype == torch.float32 else "ieee"
+    vec = 16 // dtype.itemsize
+    bi, bj, bp, w = msl._gemm_tiles(4096, 512, dtype.itemsize)
+    for unit, v in ((False, 1), (True, vec)):
+        build(msl._multi_subnet_linear_fwd_kernel, {"meta_ptr": "*i64", "w_ptr": name, "bias_ptr": name},
+              dict(HAS_BIAS=True, HAS_BP=False, HAS_BJ=False, UPCAST=False, INPUT_PRECISION=prec, BLOCK_I=bi,
+                   BLOCK_J=bj, BLOCK_P=bp, GROUP_I=8, NF=msl._FWD_FIELDS, A_UNIT=unit, C_UNIT=unit, VEC=v), w)
+    ptrs = {"a_ptr": name, "b_ptr": name, "c_ptr": "*fp32", "bias_ptr": name, "bp_idx_ptr": "*i64",
+            "bj_idx_ptr": "*i64", "ci_idx_ptr": "*i64", "cj_idx_ptr": "*i64"}
+    bi, bj, bp, w = ml.gemm_tiles(768, 768, 8192, dtype.itemsize)
+    build(ml._gathered_gemm_kernel, ptrs, dict(HAS_BIAS=False, HAS_BP=False, HAS_BJ=False, HAS_CI=False, HAS_CJ=False,
+          UPCAST=False, INPUT_PRECISION=prec, BLOCK_I=bi, BLOCK_J=bj, BLOCK_P=bp, GROUP_I=8), w)
+    bn = {"meta_ptr": "*i64", "x0_ptr": name, "w_ptr": "*fp32", "b_ptr": "*fp32", "rm_ptr": "*fp32", "rv_ptr": "*fp32"}
+    for sp, cu, v in ((True, False, vec), (False, True, vec), (False, False, 1)):
+        build(msbn._multi_subnet_batch_norm_fwd_kernel, bn, dict(HAS_W=True, HAS_B=True, HAS_IDX=False, TRAINING=True,
+              RELU=True, SP_INNER=sp, HAS_SPATIAL=True, C_UNIT=cu, BLOCK_C=16 if cu else 2, BLOCK_R=128 if cu else 1024,
+              NF=msbn._FWD_FIELDS, VEC=v), 4)
+        bnb = {"meta_ptr": "*i64", "x0_ptr": name, "w_ptr": "*fp32", "b_ptr": "*fp32", "ws_ptr": "*fp32"}
+        build(msbn._multi_subnet_batch_norm_bwd_kernel, bnb, dict(HAS_W=True, HAS_B=True, HAS_IDX=False,
+              TRAINING=True, RELU=True, NEED_X=True, NEED_SUMS=True, STORE_SUMS=True, SP_INNER=sp, HAS_SPATIAL=True,
+              C_UNIT=cu, BLOCK_C=16 if cu else 2, BLOCK_R=128 if cu else 1024, NF=msbn._BWD_FIELDS, VEC=v), 4)
+print("compiled")
+"""
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_sm90() -> None:
+    """The linear and BN kernels (incl. the VEC variants) compile to sm_90 cubins with the bundled ptxas."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = "import stp_fast.kernels.multi_subnet_linear as m; m._interpreted = lambda: False\n" + _AOT_SCRIPT
+    code = code.replace("import stp_fast.kernels.masked_linear as ml\n",
+                        "import stp_fast.kernels.masked_linear as ml\nml._interpreted = lambda: False\n")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-6000:]

@@ -163,18 +163,29 @@ def test_gradcheck_float64(backend):
         assert torch.autograd.gradcheck(f, (x, wd))
 
 
-def test_opcheck():
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+def test_opcheck(backend):
+    """Schema, fake (incl. the grad-W strides of a channels-last weight: review item 7), autograd, AOT."""
+    skip_unless_backend(OP, backend, "cpu")
     w = torch.randn(7, 6, 3, 3, requires_grad=True)
+    w_cl = torch.randn(7, 6, 3, 3).contiguous(memory_format=torch.channels_last).requires_grad_()
     b = torch.randn(7, requires_grad=True)
     ii, oi = torch.tensor([0, 2, 5]), torch.tensor([1, 4, 6])
     x = torch.randn(2, 3, 6, 6, requires_grad=True)
+    x_cl = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
     samples = [
         (x, w, b, ii, oi, 3, [1, 1], [1, 1], [1, 1], 1),
-        (x.contiguous(memory_format=torch.channels_last), w, None, None, None, 7, [2, 2], [0, 0], [1, 1], 1),
+        (x_cl, w, None, None, None, 7, [2, 2], [0, 0], [1, 1], 1),
+        (x, w_cl, b, ii, oi, 3, [1, 1], [1, 1], [1, 1], 1),
+        (x_cl, w_cl, None, ii, None, 7, [2, 2], [1, 1], [1, 1], 1),
         (x, torch.randn(6, 1, 3, 3, requires_grad=True), None, ii, ii, 3, [1, 1], [1, 1], [2, 2], 3),
     ]
-    for args in samples:
-        torch.library.opcheck(torch.ops.stp_fast.masked_conv2d.default, args)
+    with force_backend(backend):
+        for args in samples:
+            torch.library.opcheck(torch.ops.stp_fast.masked_conv2d.default, args)
+        g = torch.randn(2, 3, 6, 6)
+        bwd = (g, x.detach(), w_cl.detach(), ii, oi, 3, [1, 1], [1, 1], [1, 1], 1, True, True, True)
+        torch.library.opcheck(torch.ops.stp_fast.masked_conv2d_backward.default, bwd)
 
 
 def test_torch_compile_fullgraph_matches_eager():

@@ -113,11 +113,21 @@ def test_gradcheck_float64(backend):
         assert torch.autograd.gradcheck(f, leaves)
 
 
-def test_opcheck():
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+def test_opcheck(backend):
+    """Schema, fake (incl. the grad-W strides of a channels-last weight: review item 7), autograd, AOT."""
+    skip_unless_backend(OP, backend, "cpu")
     w, b = torch.randn(C_OUT, C_IN, 3, 3, requires_grad=True), torch.randn(C_OUT, requires_grad=True)
+    w_cl = torch.randn(C_OUT, C_IN, 3, 3).contiguous(memory_format=torch.channels_last).requires_grad_()
     xs = [torch.randn(2, C_IN, H, W, requires_grad=True), torch.randn(1, 4, H, W, requires_grad=True)]
-    args = (xs, w, b, [C_OUT, 5], None, None, [1, 1], [1, 1], [1, 1], 1)
-    torch.library.opcheck(torch.ops.stp_fast.multi_subnet_conv2d.default, args)
+    conv = ([1, 1], [1, 1], [1, 1], 1)
+    with force_backend(backend):
+        for weight in (w, w_cl):
+            args = (xs, weight, b, [C_OUT, 5], None, None, *conv)
+            torch.library.opcheck(torch.ops.stp_fast.multi_subnet_conv2d.default, args)
+            grads = [torch.randn(2, C_OUT, H, W), torch.randn(1, 5, H, W)]
+            bwd = (grads, [x.detach() for x in xs], weight.detach(), [C_OUT, 5], None, None, *conv, True, True, True)
+            torch.library.opcheck(torch.ops.stp_fast.multi_subnet_conv2d_backward.default, bwd)
 
 
 def test_torch_compile_fullgraph_matches_eager():
