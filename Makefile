@@ -46,7 +46,7 @@ bench: $(STAMP)
 
 lint: $(STAMP)
 	$(PIP) install -q ruff
-	$(VENV)/bin/ruff check stp_fast kernels tests benchmarks setup.py
+	$(VENV)/bin/ruff check stp_fast tests benchmarks setup.py
 
 clean:
 	rm -rf build dist *.egg-info stp_fast/_C*.so stp_fast/_build_info.json $(STAMP)

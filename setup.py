@@ -123,8 +123,7 @@ def main() -> None:
     with open(BUILD_INFO, "w") as f:
         json.dump(info, f, indent=2, sort_keys=True)
     setup(
-        packages=[*find_packages(include=["stp_fast", "stp_fast.*"]), "stp_fast.kernels"],
-        package_dir={"stp_fast": "stp_fast", "stp_fast.kernels": "kernels"},
+        packages=find_packages(include=["stp_fast", "stp_fast.*"]),
         package_data={"stp_fast": ["_build_info.json"]},
         ext_modules=ext_modules,
         cmdclass=cmdclass,

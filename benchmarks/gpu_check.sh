@@ -67,13 +67,7 @@ GPU=$("$PYTHON" -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/
 if [ "$GPU" = 1 ]; then unset TRITON_INTERPRET; else export TRITON_INTERPRET=1; QUICK=1; fi
 echo "[gpu_check.sh] python=$PYTHON gpu=$GPU quick=$QUICK out=$OUT_DIR" | tee -a "$LOG"
 
-# stp_fast.kernels is mapped onto kernels/ by the install; a copy that is not installed (yet) gets a
-# symlink for this run (removed at the end).
-LINK=0
-if ! "$PYTHON" -c "import stp_fast.kernels" >/dev/null 2>&1; then
-  ln -s ../kernels stp_fast/kernels && LINK=1
-fi
-cleanup() { [ "$LINK" = 1 ] && rm -f "$ROOT/stp_fast/kernels"; rm -rf "$TMP"; }
+cleanup() { rm -rf "$TMP"; }
 trap cleanup EXIT
 
 # P0 env
