@@ -355,7 +355,22 @@ def _bn_forward(self, x):
                                        momentum=factor, eps=self.eps, relu=relu, stats_subnet=owner_,
                                        indices=_index_lists(k, dev))  # fmt: skip
 
-    out = pack(_shared(xs, [id(k) for k in kepts], owner, run))
+    def run_native(xs_, pos, owner_):
+        """Every arch at full width (a BN of a frozen group): PyTorch's own BatchNorm per arch, the owner's pass
+        alone updating the running statistics (measured faster than the multi-subnet op here: resnet50, 21
+        such BNs, CPU forward_many fwd+bwd 389 -> 342 ms)."""
+        w, bias, rm, rv = self._parameters["weight"], self._parameters["bias"], buf.get("running_mean"), \
+            buf.get("running_var")  # fmt: skip
+        outs = []
+        for j, xi in enumerate(xs_):
+            own = not training or j == owner_
+            y = F.batch_norm(xi, rm if own else None, rv if own else None, w, bias, training,
+                             factor if j == owner_ else 0.0, self.eps)  # fmt: skip
+            outs.append(F.relu(y) if relu else y)
+        return outs
+
+    native = not _dims(self)
+    out = pack(_shared(xs, [id(k) for k in kepts], owner, run_native if native else run))
     if relu and isinstance(out, Multi):
         out.relu_done = True  # the model's ReLU right after is then skipped (it would change nothing)
     return out
