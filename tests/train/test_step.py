@@ -69,7 +69,8 @@ def _fake_outputs(archs, k=3, seed=0):
 
 def test_loss_reductions_ramp_and_subnet_ce(net):
     y = torch.tensor([0, 1, 2, 0])
-    for cfg, expect in [({"kd_reduction": "sum"}, "sum"), ({"kd_reduction": "mean"}, "mean"),
+    for cfg, expect in [({"kd_reduction": "sum", "subnet_ce_weight": 0.0}, "sum"),
+                        ({"kd_reduction": "mean", "subnet_ce_weight": 0.0}, "mean"),
                         ({"kd_reduction": "mean", "subnet_ce_weight": 0.5}, "mean+ce")]:  # fmt: skip
         step = _step(net, expansion="off", subnets_per_step=3, **cfg)
         outs = _fake_outputs(step.plan())
