@@ -15,7 +15,11 @@ One training run of ``T`` steps (one cosine learning-rate schedule) goes::
               (the inactive entries back at their stored values and trained alone, the active part
               frozen bit for bit), then ONE top-k decision over both sets by the same criterion with
               at most swap_fraction(t) swaps (annealed); grown entries keep what reactivation taught
-              them, their momentum starts at zero; pruned entries are stored and zeroed
+              them, their momentum starts at zero; pruned entries are stored and zeroed.  A cycle whose
+              annealed cap rounds to 0 swaps has no window and no decision (only exploitation).
+              Channels default to Taylor on BN accumulated over the window (active and reactivated
+              channels scored on the same batches and model state): by magnitude, channels trained
+              for t_exp steps cannot compete with channels trained all along (ALGORITHMS.md gotcha 11)
         rigl: C steps of exploitation, then drop the swap_fraction(t) smallest-|w| active entries and
               grow as many inactive ones by |dL/dw| on the step's batch (RigL)
     oneshot: dense training until (1 - final_fraction) T, then one prune by the criterion
@@ -49,6 +53,7 @@ from stp_fast.train import distributed as dist_utils
 from stp_fast.train import sparsity as sp
 from stp_fast.train.config import STPConfig
 from stp_fast.train.evaluate import evaluate
+from stp_fast.train.iee_decide import Decisions
 from stp_fast.train.progress import Progress, log
 from stp_fast.train.sources import as_source
 from stp_fast.train.sparsity import extract_channels
@@ -62,6 +67,11 @@ REGROW_INITS = ("auto", "restore", "zero")
 ANNEALS = ("cosine", "linear", "constant")
 LAYER_RULES = ("erk", "dense")
 SCORE_NORMS = ("mean", "none")
+EXPLORE_NORMS = ("auto", "none", "set")
+# the defaults of the "auto"/0 knobs per structure, chosen by the ablation in benchmarks/accuracy_iee.py
+AUTO_EXPLORE_FRACTION = {"unstructured": 0.1, "channel": 0.3}
+AUTO_CRITERION = {"unstructured": "magnitude", "channel": "taylor"}  # of IEE; rigl and oneshot: magnitude
+AUTO_EXPLORE_NORM = {"unstructured": "set", "channel": "none"}
 
 
 @dataclass
@@ -76,13 +86,25 @@ class IEEConfig(STPConfig):
             tensor slices, e.g. whole attention heads, stay full).
         sparsity: unstructured target, the zero fraction over all conv/linear weights, in [0, 1); 0 = dense.
         criterion: importance, one of ``sparsity.CRITERIA`` (``register_criterion`` adds more):
-            ``"magnitude"`` (default), ``"taylor"`` (first order, channels on the BN affine parameters),
-            ``"taylor_weights"``.  IEE uses it for both prune and grow; rigl ignores it (magnitude for
-            the first prune and for dropping, |dL/dw| for growing).
+            ``"magnitude"``, ``"taylor"`` (first order, channels on the BN affine parameters, accumulated
+            over the reactivation window: the active and the reactivated channels are scored on the same
+            batches and the same model state), ``"taylor_weights"``, or ``"auto"`` (default: IEE on
+            channels taylor, everything else magnitude; ``AUTO_CRITERION``).  IEE uses it for both prune
+            and grow; rigl ignores it (magnitude for the first prune and for dropping, |dL/dw| for
+            growing).
         cycle_steps: steps per cycle (0 = one epoch).
-        explore_steps: t_exp, reactivation steps at the end of each IEE cycle (0 = a tenth of the cycle,
-            at least 1); must be smaller than the cycle.  Also the batches a gradient criterion is
-            estimated on before a prune that follows no reactivation.
+        explore_steps: t_exp, reactivation steps at the end of each IEE cycle (0 = ``explore_fraction`` of
+            the cycle, at least 1); must be smaller than the cycle.  Also the batches a gradient criterion
+            is estimated on before a prune that follows no reactivation.
+        explore_fraction: t_exp as a fraction of the cycle when ``explore_steps`` is 0, in [0, 1); 0 = auto
+            (``AUTO_EXPLORE_FRACTION``: a tenth for unstructured, 0.3 for channels: a reactivated channel
+            needs more than a few steps to show what it can do).
+        explore_norm: how IEE's decision compares the active and the reactivated entries: ``"none"`` (raw
+            criterion scores), ``"set"`` (each unit's scores divided by the mean of their set: an entry
+            competes by how it ranks among the entries trained as long as itself; with
+            ``regrow_init="zero"`` the reactivated weights' magnitudes are then their summed updates over
+            the window, a multi-batch gradient preview), or ``"auto"`` (``AUTO_EXPLORE_NORM``: set for
+            unstructured, none for channels, whose Taylor scores already compete).
         swap_fraction: cap of the swaps per decision, as a fraction of the active entries of a layer
             (unstructured) or of all active channels (channel); RigL's drop fraction (default 0.3 as RigL).
         swap_anneal: ``"cosine"`` (RigL), ``"linear"`` or ``"constant"`` decay of the cap to 0 at the end
@@ -91,7 +113,8 @@ class IEEConfig(STPConfig):
         regrow_init: value of reactivated (iee) / grown (rigl) entries: ``"restore"`` their stored values
             (the values they had when pruned; ALGORITHMS.md gotcha 10), ``"zero"`` (RigL's choice; not for
             channels: a zeroed channel gets no gradient through its BN and ReLU), or ``"auto"`` (default:
-            zero for unstructured rigl, restore otherwise).
+            zero for unstructured iee and rigl -- with ``explore_norm="set"`` IEE then ranks the growth by
+            what the window's updates taught the reactivated weights --, restore for channels).
         erk_first_layer, erk_classifier: ``"erk"`` (RigL's default: ERK for every layer) or ``"dense"``
             (kept at density 1; still counted, so the whole net has ``sparsity``).
         erk_power: exponent of the ERK raw density (RigL ``erk_power_scale``).
@@ -103,9 +126,11 @@ class IEEConfig(STPConfig):
     holdout: float = 0.0
     structure: str = "unstructured"
     sparsity: float = 0.9
-    criterion: str = "magnitude"
+    criterion: str = "auto"
     cycle_steps: int = 0
     explore_steps: int = 0
+    explore_fraction: float = 0.0
+    explore_norm: str = "auto"
     swap_fraction: float = 0.3
     swap_anneal: str = "cosine"
     final_fraction: float = 0.25
@@ -117,10 +142,10 @@ class IEEConfig(STPConfig):
 
     def validate(self) -> IEEConfig:
         """Raise ValueError naming the first bad field; return self."""
-        for name, choices in (("method", IEE_METHODS), ("structure", STRUCTURES), ("criterion", tuple(sp.CRITERIA)),
+        for name, choices in (("method", IEE_METHODS), ("structure", STRUCTURES), ("criterion", ("auto", *sp.CRITERIA)),
                               ("regrow_init", REGROW_INITS), ("swap_anneal", ANNEALS),
                               ("erk_first_layer", LAYER_RULES), ("erk_classifier", LAYER_RULES),
-                              ("channel_score_norm", SCORE_NORMS)):  # fmt: skip
+                              ("channel_score_norm", SCORE_NORMS), ("explore_norm", EXPLORE_NORMS)):  # fmt: skip
             if getattr(self, name) not in choices:
                 raise ValueError(f"IEEConfig.{name} must be one of {', '.join(map(repr, choices))}, "
                                  f"got {getattr(self, name)!r}")  # fmt: skip
@@ -129,6 +154,8 @@ class IEEConfig(STPConfig):
         _check("final_fraction", self.final_fraction, 0.0 <= _num(self.final_fraction) < 1.0, "a fraction in [0, 1)")
         _check("swap_fraction", self.swap_fraction, 0.0 <= _num(self.swap_fraction) <= 1.0, "a fraction in [0, 1]")
         _check("erk_power", self.erk_power, 0.0 < _num(self.erk_power) < math.inf, "a positive number")
+        _check("explore_fraction", self.explore_fraction, 0.0 <= _num(self.explore_fraction) < 1.0,
+               "a fraction in [0, 1)")  # fmt: skip
         for name in ("cycle_steps", "explore_steps"):
             v = getattr(self, name)
             _check(name, v, isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an int >= 0")
@@ -162,7 +189,7 @@ class IEEResult(STPResult):
     full_top1_of: str = ""
 
 
-class IEETrainer:
+class IEETrainer(Decisions):
     """Sparse training of ``net`` (an stp_fast supernet) by IEE, RigL or one-shot pruning.
 
     Args as :class:`~stp_fast.train.STPTrainer` (``config`` an :class:`IEEConfig`), plus
@@ -201,18 +228,22 @@ class IEETrainer:
         self.steps_per_epoch = len(self.train) // (cfg.batch_size * self.world_size)
         self.total_steps = self.steps_per_epoch * cfg.epochs
         self.cycle = cfg.cycle_steps or self.steps_per_epoch
-        self.t_exp = cfg.explore_steps or max(1, self.cycle // 10)
+        frac = cfg.explore_fraction or AUTO_EXPLORE_FRACTION[cfg.structure]
+        self.t_exp = cfg.explore_steps or max(1, int(frac * self.cycle + 1e-9))
         if cfg.method == "iee" and self.t_exp >= self.cycle:
             raise ValueError(f"IEEConfig.explore_steps (t_exp={self.t_exp}) must be smaller than the cycle "
                              f"({self.cycle} steps{'' if cfg.cycle_steps else ' = one epoch'})")  # fmt: skip
         self.explore_end = int((1.0 - cfg.final_fraction) * self.total_steps)
         self.prune_step = self.explore_end if cfg.method == "oneshot" else 0
         self.regrow = cfg.regrow_init if cfg.regrow_init != "auto" else \
-            ("zero" if cfg.method == "rigl" and cfg.structure == "unstructured" else "restore")  # fmt: skip
+            ("zero" if cfg.structure == "unstructured" and cfg.method in ("rigl", "iee") else "restore")  # fmt: skip
         self._build_units()
         self.params = dict(net.named_parameters())
         self.state = sp.MaskState(net, self.units)
-        self.criterion = sp.make_criterion("magnitude" if cfg.method == "rigl" else cfg.criterion)
+        self.explore_norm = cfg.explore_norm if cfg.explore_norm != "auto" else AUTO_EXPLORE_NORM[cfg.structure]
+        self.criterion_name = cfg.criterion if cfg.criterion != "auto" else \
+            (AUTO_CRITERION[cfg.structure] if cfg.method == "iee" else "magnitude")  # fmt: skip
+        self.criterion = sp.make_criterion("magnitude" if cfg.method == "rigl" else self.criterion_name)
         self.model = dist_utils.wrap_ddp(net, self.device) if self.world_size > 1 else net
         self.optimizer = sp.MaskedSGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                    nesterov=cfg.nesterov and cfg.momentum > 0, weight_decay=cfg.weight_decay)
@@ -312,7 +343,7 @@ class IEETrainer:
             return "dense"
         if self.config.method == "iee":
             end = (step // self.cycle + 1) * self.cycle
-            if end <= self.explore_end and step >= end - self.t_exp and self.state.inactive_count():
+            if end <= self.explore_end and step >= end - self.t_exp and self._will_swap(end - 1):
                 return "explore"
         return "exploit"
 
@@ -344,7 +375,7 @@ class IEETrainer:
             self.state.apply()
         done = step + 1
         if (self.pruned and cfg.method in ("iee", "rigl") and done % self.cycle == 0 and done <= self.explore_end
-                and self.state.inactive_count()):  # fmt: skip
+                and self.state.inactive_count() and (phase == "explore" or cfg.method == "rigl")):  # fmt: skip
             self._decide(step, x, y, phase == "explore")
         return loss
 
@@ -377,137 +408,6 @@ class IEETrainer:
         if phase == "exploit":
             return masks
         return {p: ~masks[p] if p in masks else False for p in self.net.parameters()}
-
-    # ------------------------------------------------------------------ decisions
-    def _scores(self, criterion) -> dict[str, Tensor]:
-        return {u.name: criterion(u, self.params) for u in self.units}
-
-    def _swap_cap(self, step: int) -> float:
-        cfg = self.config
-        t = min(1.0, step / max(self.explore_end, 1))
-        if cfg.swap_anneal == "cosine":
-            return cfg.swap_fraction * 0.5 * (1 + math.cos(math.pi * t))
-        return cfg.swap_fraction * ((1 - t) if cfg.swap_anneal == "linear" else 1.0)
-
-    def _first_prune(self, step: int) -> None:
-        """Prune the dense net to the target by the criterion (oneshot: after measuring the dense top-1)."""
-        if self.config.method == "oneshot":
-            self.dense_top1 = self._dense_top1()
-        if self.criterion.needs_grad:
-            self._estimate()
-        scores = self._scores(self.criterion)
-        if self.config.structure == "unstructured":
-            new = {u.name: sp.topk_mask(scores[u.name], self.targets[u.name]) for u in self.units}
-        else:
-            new = self.channels.greedy(sp.normalize_scores(scores, self.config.channel_score_norm))
-        self.state.set(new)
-        for name, m in self.state.param_masks().items():
-            self.optimizer.reset_momentum(self.params[name], ~m)
-        self.pruned = True
-        record = {"step": step, "event": "prune", **self.stats()}
-        self.cycles.append(record)
-        self._emit("pruned", record)
-
-    def _estimate(self) -> None:
-        """Accumulate a gradient criterion over ``t_exp`` batches without updating (before a first prune)."""
-        cfg = self.config
-        self.criterion.reset()
-        loader = self.train.loader(cfg.batch_size, shuffle=True, augment=cfg.augment, seed=cfg.seed, epoch=10**6 + 1,
-                                   rank=self.rank, world_size=self.world_size, drop_last=True)  # fmt: skip
-        for i, (x, y) in enumerate(loader):
-            if i >= self.t_exp:
-                break
-            self._forward_backward(x.to(self.device), y.to(self.device), -1)
-            self.criterion.accumulate(self.units, self.params)
-        self.optimizer.zero_grad(set_to_none=True)
-
-    def _decide(self, step: int, x: Tensor, y: Tensor, explored: bool) -> None:
-        cfg = self.config
-        frac = self._swap_cap(step)
-        old = {k: m.cpu() for k, m in self.state.unit_masks.items()}
-        if cfg.method == "iee":
-            self._emit("explored", {"step": step})
-            scores = self._scores(self.criterion)
-            if cfg.structure == "unstructured":
-                new = {u.name: sp.swap_topk(scores[u.name], self.state.unit_masks[u.name], self.targets[u.name],
-                                         int(frac * self.targets[u.name])) for u in self.units}  # fmt: skip
-            else:
-                cap = int(frac * sum(int(m.sum()) for m in old.values()))
-                new = self.channels.swap_topk(sp.normalize_scores(scores, cfg.channel_score_norm), old, cap)
-            fill = None
-        else:
-            keep = self._scores(sp.make_criterion("magnitude"))
-            self._probe(x, y, restore=cfg.structure == "channel")
-            grow = self._scores(sp.grad_magnitude)
-            self.optimizer.zero_grad(set_to_none=True)
-            if cfg.structure == "unstructured":
-                new = {u.name: sp.swap_rigl(keep[u.name], grow[u.name], self.state.unit_masks[u.name],
-                                         int(frac * self.targets[u.name])) for u in self.units}  # fmt: skip
-            else:
-                n = int(frac * sum(int(m.sum()) for m in old.values()))
-                norm = cfg.channel_score_norm
-                new = self.channels.swap_rigl(sp.normalize_scores(keep, norm), sp.normalize_scores(grow, norm), old, n)
-            fill = self.regrow
-        grown = sum(int((new[k].cpu() & ~old[k]).sum()) for k in old)
-        why = self._why(cfg, old, new, frac, scores if cfg.method == "iee" else grow)
-        if cfg.structure == "channel":
-            self._fresh_bn_stats({k: new[k].cpu() & ~old[k] for k in old})
-        grown_entries = self.state.set(new, fill=fill, explored=explored)
-        for name, m in self.state.param_masks().items():
-            self.optimizer.reset_momentum(self.params[name], grown_entries[name] | ~m)
-        record = {"step": step, "event": "decide", "swap_cap": frac, "grown": grown, **why, **self.stats()}
-        log(f"{cfg.method} decision at step {step + 1}: {grown} of {why['candidates']} inactive units grown "
-            f"({why['reason']})", mode="off" if self.rank else self.progress)  # fmt: skip
-        self.cycles.append(record)
-        self._emit("decided", record)
-
-    def _why(self, cfg: IEEConfig, old: dict, new: dict, frac: float, scores: dict) -> dict:
-        """What a decision did and why: ``candidates`` (inactive units it could grow), ``wanted`` (how many of
-        them the criterion ranks into the target set, before the swap cap), ``cap`` and ``reason``."""
-        candidates = sum(int((~m).sum()) for m in old.values())
-        active = sum(int(m.sum()) for m in old.values())
-        if cfg.method != "iee":
-            wanted = None
-        elif cfg.structure == "unstructured":
-            wanted = sum(int((sp.topk_mask(scores[u.name], self.targets[u.name]).cpu() & ~old[u.name]).sum())
-                         for u in self.units)  # fmt: skip
-        else:
-            star = self.channels.greedy(sp.normalize_scores(scores, cfg.channel_score_norm))
-            wanted = sum(int((star[k] & ~old[k]).sum()) for k in old)
-        cap = int(frac * (sum(self.targets.values()) if cfg.structure == "unstructured" else active))
-        grown = sum(int((new[k].cpu() & ~old[k]).sum()) for k in old)
-        if cfg.method != "iee":
-            reason = "rigl: drop the weakest by magnitude, grow by gradient"
-        elif wanted == 0:
-            reason = "no explored unit scores above the weakest active ones"
-        elif grown < wanted:
-            reason = f"capped: {wanted} explored units rank in, the cap allows {cap}"
-        else:
-            reason = "every explored unit that ranks in was grown"
-        return {"candidates": candidates, "wanted": wanted, "cap": cap, "reason": reason}
-
-    @torch.no_grad()
-    def _fresh_bn_stats(self, grown: dict[str, Tensor]) -> None:
-        """Running mean 0 and variance 1 for grown channels: while masked, their BN saw constant zero
-        inputs and its running variance decayed toward 0 (eval-mode outputs would blow up)."""
-        buffers = dict(self.net.named_buffers())
-        for u in self.units:
-            g = grown[u.name]
-            if g.any():
-                for name, dim in u.slices:
-                    if dim == 0 and name.endswith(("running_mean", "running_var")):
-                        buffers[name][g.to(buffers[name].device)] = 0.0 if name.endswith("mean") else 1.0
-
-    def _probe(self, x: Tensor, y: Tensor, restore: bool) -> None:
-        """Gradients of the step's batch for RigL's growth score.  Zeroed channels have none (their
-        ReLU inputs are 0), so in channel mode the inactive channels are briefly restored."""
-        if restore:
-            self.state.reactivate("restore")
-        try:
-            self._forward_backward(x, y, -1)
-        finally:
-            if restore:
-                self.state.apply()
 
     def _emit(self, name: str, info: dict) -> None:
         if self.on_event is not None:

@@ -1,6 +1,7 @@
 """Sparsity machinery of IEE and its baselines (``ALGORITHMS.md`` section 5): ERK allocation, prunable
-*units* (weight tensors or channel groups), masks with stored values, importance criteria, the
-prune-and-grow decisions, and an SGD that leaves masked or frozen entries untouched.
+*units* (weight tensors or channel groups), masks with stored values, the prune-and-grow decisions
+(the importance criteria live in :mod:`stp_fast.train.criteria`, re-exported here), and an SGD that
+leaves masked or frozen entries untouched.
 
 A *unit* is what one decision ranks: in unstructured mode one conv/linear weight (its entries), in
 channel mode one channel group of the supernet's architecture space (its channels).  A channel
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import math
-from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -23,6 +23,15 @@ import torch
 from torch import Tensor, nn
 
 from stp_fast.arch.space import Arch
+from stp_fast.train.criteria import (  # noqa: F401 - re-exported (their home was this module)
+    CRITERIA,
+    Criterion,
+    Magnitude,
+    Taylor,
+    grad_magnitude,
+    make_criterion,
+    register_criterion,
+)
 
 
 # ---------------------------------------------------------------------------------------------- ERK
@@ -326,104 +335,6 @@ class MaskState:
         self._masks = None
 
 
-# ---------------------------------------------------------------------------------------------- criteria
-class Criterion(ABC):
-    """Importance of a unit's entries (higher = keep).  Criteria that need gradients collect them in
-    :meth:`accumulate`, called after each backward of an estimation or reactivation window."""
-
-    needs_grad: bool = False
-
-    def reset(self) -> None:  # noqa: B027 - optional hook, a no-op for gradient-free criteria
-        """Forget accumulated observations (start of a window)."""
-
-    def accumulate(self, units: list[Unit], params: Mapping[str, Tensor]) -> None:  # noqa: B027 - optional hook
-        """Observe the gradients now in ``params[n].grad``."""
-
-    @abstractmethod
-    def __call__(self, unit: Unit, params: Mapping[str, Tensor]) -> Tensor:
-        """Scores of the unit's ``size`` entries, float (1-D)."""
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: Mapping) -> None:  # noqa: B027 - optional hook
-        """Restore :meth:`state_dict` (resume)."""
-
-
-class Magnitude(Criterion):
-    """|w| (unstructured); the mean |w| of a channel's producer filters, summed (channels)."""
-
-    @torch.no_grad()
-    def __call__(self, unit: Unit, params: Mapping[str, Tensor]) -> Tensor:
-        return unit.reduce(lambda n: params[n].detach().abs().float(), "weights", mean=True)
-
-
-class Taylor(Criterion):
-    """First-order Taylor importance averaged over the observed iterations: ``(w g)^2`` per weight;
-    per channel ``(sum over the channel's producer slices of w g)^2`` -- on the BN affine parameters
-    (``on="bn"``, HALP's ``|gamma dL/dgamma + beta dL/dbeta|`` squared) or on the filters (``"weights"``)."""
-
-    needs_grad = True
-
-    def __init__(self, on: str = "bn") -> None:
-        self.on = on
-        self.sums: dict[str, Tensor] = {}
-        self.count = 0
-
-    def reset(self) -> None:
-        self.sums, self.count = {}, 0
-
-    @torch.no_grad()
-    def accumulate(self, units: list[Unit], params: Mapping[str, Tensor]) -> None:
-        def wg(n: str) -> Tensor:
-            p = params[n]
-            return p.detach().float() * (p.grad.float() if p.grad is not None else 0.0)
-
-        for u in units:
-            v = u.reduce(wg, self.on).square()
-            self.sums[u.name] = self.sums[u.name] + v if u.name in self.sums else v
-        self.count += 1
-
-    def __call__(self, unit: Unit, params: Mapping[str, Tensor]) -> Tensor:
-        if not self.count:
-            raise RuntimeError("Taylor criterion: no gradient observation yet (explore_steps must be >= 1)")
-        return self.sums[unit.name] / self.count
-
-    def state_dict(self) -> dict:
-        return {"sums": dict(self.sums), "count": self.count}
-
-    def load_state_dict(self, state: Mapping) -> None:
-        self.sums, self.count = dict(state["sums"]), int(state["count"])
-
-
-def grad_magnitude(unit: Unit, params: Mapping[str, Tensor]) -> Tensor:
-    """RigL's growth score: |dL/dw| (channels: mean |g| of the producer filters, summed)."""
-
-    def g(n: str) -> Tensor:
-        p = params[n]
-        return p.grad.detach().abs().float() if p.grad is not None else torch.zeros_like(p, dtype=torch.float32)
-
-    return unit.reduce(g, "weights", mean=True)
-
-
-CRITERIA: dict[str, Callable[[], Criterion]] = {
-    "magnitude": Magnitude,
-    "taylor": Taylor,
-    "taylor_weights": lambda: Taylor(on="weights"),
-}
-
-
-def register_criterion(name: str, factory: Callable[[], Criterion]) -> None:
-    """Make ``factory()`` (a :class:`Criterion`) available as ``IEEConfig.criterion = name``."""
-    CRITERIA[name] = factory
-
-
-def make_criterion(name: str) -> Criterion:
-    if name not in CRITERIA:
-        raise ValueError(f"unknown criterion {name!r}; known: {', '.join(sorted(CRITERIA))}")
-    return CRITERIA[name]()
-
-
 # ---------------------------------------------------------------------------------------------- decisions
 def _top(scores: Tensor, where: Tensor, n: int, largest: bool = True) -> Tensor:
     """Indices of the ``n`` largest (smallest) ``scores`` among entries where ``where`` is True."""
@@ -543,6 +454,21 @@ class ChannelBudget:
         self.trim(new, self._ranked(keep, new, largest=False))
         self.fill(new, self._ranked(grow, {g: ~m for g, m in new.items()}))
         return new
+
+
+def normalize_by_set(scores: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Each unit's scores divided by the mean score of their set -- the active entries by the active ones',
+    the reactivated ones by the reactivated ones' -- so an entry is ranked by how it compares with the
+    entries trained as long as itself (ALGORITHMS.md gotcha 11: age-fair ranking of prune and grow)."""
+    out = {}
+    for g, s in scores.items():
+        s = s.float().clone()
+        m = masks[g].to(s.device)
+        for part in (m, ~m):
+            if part.any():
+                s[part] = s[part] / s[part].mean().clamp_min(1e-30)
+        out[g] = s
+    return out
 
 
 def normalize_scores(scores: Mapping[str, Tensor], how: str) -> dict[str, Tensor]:

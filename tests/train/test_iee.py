@@ -11,6 +11,7 @@ from _synthetic import synthetic
 from stp_fast import models
 from stp_fast.cli import main
 from stp_fast.train import checkpoint as ckpt
+from stp_fast.train import iee
 from stp_fast.train import sparsity as sp
 from stp_fast.train.iee import IEEConfig, IEETrainer, extract_channels
 
@@ -197,8 +198,10 @@ def test_channel_budget_holds_after_every_decision(method):
     assert res.pruned["macs"] == net.space.macs(res.chosen, trainer.input_size)
     if method == "oneshot":
         assert [e["step"] for e in events] == [trainer.explore_end]
-    else:
+    elif method == "rigl":
         assert events[0]["step"] == 0 and len(events) == 1 + trainer.explore_end // 4
+    else:  # the cycle ending at step 11 is skipped: its annealed cap allows no swap (see the test below)
+        assert [e["step"] for e in events] == [0, 3, 7]
 
 
 @pytest.mark.parametrize("structure", ["channel", "unstructured"])
@@ -219,6 +222,92 @@ def test_every_decision_says_how_many_units_it_swapped_and_why(structure):
             assert d["grown"] == 0 and "no explored unit" in d["reason"]
         elif d["grown"] < d["wanted"]:
             assert d["reason"].startswith("capped")
+
+
+def test_no_reactivation_window_when_the_annealed_cap_allows_no_swap():
+    events = []
+    _, trainer, _ = _run(structure="channel", on_event=lambda name, info: events.append((name, info)))
+    reactivated = [i["step"] for n, i in events if n == "reactivated"]
+    decided = [i for n, i in events if n == "decided"]
+    # 16 steps, explore_end 12, cycles end at steps 3, 7, 11; t_exp 2.  The cosine cap at step 11 is 0.3 *
+    # (1 + cos(11 pi / 12)) / 2 = 0.005 of the active channels: 0 swaps, so no window and no decision there.
+    assert [d["step"] for d in decided] == [3, 7] and all(d["cap"] >= 1 for d in decided)
+    assert reactivated == [2, 6] and not trainer._will_swap(11)
+    assert [trainer._phase(s) for s in (9, 10, 11)] == ["exploit"] * 3  # the active net trains instead
+    for structure in ("unstructured", "channel"):  # no swap allowed at all: IEE never freezes the active net
+        events.clear()
+        _run(structure=structure, swap_fraction=0.0, on_event=lambda name, info: events.append((name, info)))
+        assert [n for n, _ in events] == ["pruned"]
+
+
+def test_the_auto_defaults_t_exp_criterion_reactivation_and_ranking():
+    cfg = dict(TINY, explore_steps=0, cycle_steps=10)
+    for structure, frac, crit in (("unstructured", iee.AUTO_EXPLORE_FRACTION["unstructured"], "magnitude"),
+                                  ("channel", iee.AUTO_EXPLORE_FRACTION["channel"], "taylor")):  # fmt: skip
+        trainer = IEETrainer(_net(), *synthetic(), IEEConfig(**cfg, structure=structure), progress="off")
+        assert trainer.t_exp == max(1, int(frac * 10 + 1e-9)) and trainer.criterion_name == crit
+        assert isinstance(trainer.criterion, sp.Taylor) == (crit == "taylor")
+        # unstructured: reactivated at zero and ranked within their set; channels: restored, raw Taylor
+        assert (trainer.regrow, trainer.explore_norm) == (("zero", "set") if structure == "unstructured"
+                                                          else ("restore", "none"))  # fmt: skip
+    trainer = IEETrainer(_net(), *synthetic(), IEEConfig(**cfg, explore_fraction=0.5), progress="off")
+    assert trainer.t_exp == 5
+    trainer = IEETrainer(_net(), *synthetic(), IEEConfig(**(cfg | {"explore_fraction": 0.5, "explore_steps": 3})),
+                         progress="off")  # fmt: skip
+    assert trainer.t_exp == 3  # explicit steps win
+    for method in ("rigl", "oneshot"):  # the baselines stay magnitude ("one-shot magnitude + fine-tuning")
+        trainer = IEETrainer(_net(), *synthetic(), IEEConfig(**cfg, structure="channel", method=method), progress="off")
+        assert trainer.criterion_name == "magnitude" and not trainer.criterion.needs_grad
+
+
+def test_default_channel_exploration_changes_decisions():
+    """Gotcha 11: by magnitude, channels reactivated for t_exp steps cannot outscore channels trained for
+    the whole run; the default (Taylor accumulated over the window for the active and the reactivated
+    channels alike: same batches, same model state) lets them compete, and the decisions grow them."""
+    seen = []
+
+    def on_event(name, info):
+        if name == "explored":
+            crit, masks = trainer.criterion, trainer.state.unit_masks
+            assert crit.count == trainer.t_exp  # every window batch, scored for both sets
+            on = torch.cat([crit.sums[k][masks[k]] for k in masks])
+            off = torch.cat([crit.sums[k][~masks[k]] for k in masks])
+            assert (on > 0).all() and (off > 0).any()
+            seen.append(info)
+
+    torch.manual_seed(0)
+    trainer = IEETrainer(models.create("resnet20", 3, 1), *synthetic(), IEEConfig(**(TINY | {"structure": "channel"})),
+                         progress="off", on_event=on_event)  # fmt: skip
+    grown = sum(c["grown"] for c in trainer.fit().cycles if c["event"] == "decide")
+    torch.manual_seed(0)
+    by_magnitude = IEEConfig(**(TINY | {"structure": "channel", "criterion": "magnitude"}))
+    old = IEETrainer(models.create("resnet20", 3, 1), *synthetic(), by_magnitude, progress="off")
+    old_grown = sum(c["grown"] for c in old.fit().cycles if c["event"] == "decide")
+    assert seen and grown >= 10 and old_grown <= 2  # 37 vs 2 when written
+
+
+def test_set_normalised_scores_rank_entries_among_those_trained_as_long():
+    scores = {"w": torch.tensor([4.0, 2.0, 0.02, 0.01, 0.03])}
+    mask = {"w": torch.tensor([True, True, False, False, False])}
+    norm = sp.normalize_by_set(scores, mask)["w"]
+    torch.testing.assert_close(norm, torch.tensor([4 / 3, 2 / 3, 1.0, 0.5, 1.5]))
+    # the raw top-2 keeps the trained pair; by set, the best reactivated entry outranks the weaker active one
+    assert sp.topk_mask(scores["w"], 2).tolist() == [True, True, False, False, False]
+    assert sp.topk_mask(norm, 2).tolist() == [True, False, False, False, True]
+
+
+def test_zero_reactivation_explores_only_with_set_normalised_scores():
+    """Weights reactivated at zero and trained t_exp steps are tiny next to the trained ones (gotcha 11): by
+    raw magnitude none is grown; set-normalised, the decision swaps up to its cap (a multi-batch gradient
+    preview ranks the growth, magnitude the drop)."""
+    grown = {}
+    for norm in ("none", "set"):
+        _, _, res = _run(sparsity=0.8, regrow_init="zero", explore_norm=norm)
+        decisions = [c for c in res.cycles if c["event"] == "decide"]
+        grown[norm] = [c["grown"] for c in decisions]
+        assert all(c["score_ratio"] < 0.05 for c in decisions)  # the raw scale gap, logged either way
+    assert grown["none"] == [0, 0, 0]
+    assert all(g > 0 for g in grown["set"]) and sum(grown["set"]) > 1000
 
 
 # ---------------------------------------------------------------------------------------------- extraction
@@ -291,6 +380,8 @@ def test_channel_budget_refuses_an_unreachable_target():
     ({"structure": "filters"}, "structure"), ({"criterion": "psychic"}, "criterion"), ({"method": "stp"}, "method"),
     ({"final_fraction": 1.0}, "final_fraction"), ({"regrow_init": "random"}, "regrow_init"), ({"lr": -1}, "lr"),
     ({"structure": "channel", "regrow_init": "zero"}, "cannot revive channels"),
+    ({"explore_fraction": 1.0}, "explore_fraction"), ({"explore_fraction": -0.1}, "explore_fraction"),
+    ({"explore_norm": "age"}, "explore_norm"),
 ])  # fmt: skip
 def test_bad_knobs_raise_clear_errors(kw, message):
     with pytest.raises(ValueError, match=message):
