@@ -317,6 +317,12 @@ def run_torch_pruning(dense_model: nn.Module, ds, train, val, test, budget: floa
 
 
 # ---------------------------------------------------------------------------------------------- one seed
+def _stp_rows(paths, seed: int) -> list[dict]:
+    """The STP rows of ``seed`` in the result files ``paths`` (``--archs-from``: scratch for a recorded run)."""
+    rows = [r for path in paths or () for r in json.loads(Path(path).read_text())["rows"]]
+    return [r for r in rows if r.get("method") == "stp" and r.get("seed") == seed and "arch" in r]
+
+
 def run_seed(args, seed: int, record) -> None:
     ds, full_train, val, train, test = load_split(args, seed)
     print(f"seed {seed}: {len(train)} training images, {len(val)} validation, {len(test)} test", flush=True)
@@ -336,6 +342,12 @@ def run_seed(args, seed: int, record) -> None:
                 if method == "stp":
                     chosen[row["budget"]] = row["arch"]
     if "scratch" in methods:
+        for row in _stp_rows(args.archs_from, seed):
+            chosen.setdefault(row["budget"], row["arch"])
+        missing = [b for b in args.budgets if b not in chosen]
+        if missing:
+            raise SystemExit(f"scratch needs STP's chosen arch for budgets {missing} of seed {seed}: add stp to "
+                             f"--methods or give --archs-from a result file with those STP rows")  # fmt: skip
         for budget in args.budgets:
             if budget in chosen:
                 row = run_scratch(ds, train, val, test, chosen[budget], args, seed)
@@ -625,6 +637,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tag", default="", help="a free-text label stored in the JSON (e.g. the ablation name)")
     p.add_argument("--json", help="write the results here (rewritten after every row)")
     p.add_argument("--plot", help="write the top-1 vs MACs plot here (png)")
+    p.add_argument("--archs-from", nargs="+", metavar="JSON",
+                   help="scratch: take STP's chosen archs of each seed from these result files (a recorded run)")
     p.add_argument("--merge", nargs="+", metavar="JSON", help="combine these result files (then --json/--plot)")
     p.add_argument("--markdown", metavar="JSON", help="print the table of a result file and exit")
     p.add_argument("--ablation-table", nargs="+", metavar="JSON", help="print one line per STP configuration "

@@ -92,3 +92,17 @@ def test_validation_split_is_the_trainers_holdout():
     trainer = STPTrainer(net, full, full, STPConfig(epochs=1, batch_size=64, seed=3, holdout=args.val_fraction,
                                                     eval_every=0, device="cpu"), progress="off")  # fmt: skip
     assert torch.equal(trainer.holdout.images, val.images) and torch.equal(trainer.train.images, train.images)
+
+
+def test_scratch_from_a_recorded_stp_run(smoke, tmp_path):
+    """``--archs-from``: scratch rows for the archs a recorded STP run chose (no second STP run)."""
+    acc, out, data = smoke
+    assert acc.main(["--smoke", "--methods", "scratch", "--archs-from", str(out / "smoke.json"),
+                     "--json", str(tmp_path / "scratch.json")]) == 0  # fmt: skip
+    rows = json.loads((tmp_path / "scratch.json").read_text())["rows"]
+    stp = {r["budget"]: r for r in data["rows"] if r["method"] == "stp"}
+    assert sorted(r["budget"] for r in rows) == sorted(stp) and all(r["method"] == "scratch" for r in rows)
+    for r in rows:
+        assert r["macs_ratio"] == pytest.approx(stp[r["budget"]]["macs_ratio"], rel=1e-6)
+    with pytest.raises(SystemExit, match="scratch needs STP's chosen arch"):
+        acc.main(["--smoke", "--methods", "scratch", "--json", str(tmp_path / "none.json")])
