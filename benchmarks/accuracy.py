@@ -149,16 +149,16 @@ def run_dense(ds, train, val, test, epochs: int, args, seed: int, label: str = "
     return model, {"top1": evaluate(model, test), "val_top1": evaluate(model, val), "macs_ratio": 1.0, "wall_s": wall}
 
 
-def stp_overrides(items: list[str]) -> dict:
-    """``--set KEY=VALUE`` items as STPConfig fields (values parsed as JSON, else kept as strings)."""
-    from stp_fast.train import STPConfig
-
-    fields = STPConfig.__dataclass_fields__
+def config_overrides(items: list[str], cls=None) -> dict:
+    """``--set KEY=VALUE`` items as fields of the config dataclass ``cls`` (default STPConfig; values parsed
+    as JSON, else kept as strings)."""
+    if cls is None:
+        from stp_fast.train import STPConfig as cls
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
-        if not sep or key not in fields:
-            raise SystemExit(f"--set {item!r}: expected KEY=VALUE with KEY an STPConfig field")
+        if not sep or key not in cls.__dataclass_fields__:
+            raise SystemExit(f"--set {item!r}: expected KEY=VALUE with KEY an {cls.__name__} field")
         try:
             out[key] = json.loads(value)
         except json.JSONDecodeError:
@@ -176,7 +176,7 @@ def run_stp(ds, full_train, val, test, method: str, args, seed: int) -> tuple[li
                         prune_residual=args.prune_residual)  # fmt: skip
     cfg = STPConfig(method=method, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                     weight_decay=args.wd, flops_target=list(args.budgets), seed=seed, eval_every=0,
-                    holdout=args.val_fraction, device="cpu", **stp_overrides(args.set))  # fmt: skip
+                    holdout=args.val_fraction, device="cpu", **config_overrides(args.set))  # fmt: skip
     trainer = STPTrainer(net, full_train, test, cfg, progress="log")
     held = trainer.holdout
     if held is None or not (torch.equal(held.labels, val.labels) and torch.equal(held.images, val.images)):
@@ -548,7 +548,8 @@ def plot(out: dict, path: str) -> None:
     ax.set_xlabel("MACs kept (% of resnet20)")
     ax.set_ylabel("test top-1 (%)")
     seeds = sorted({r["seed"] for r in out["rows"]})
-    ax.set_title(f"{out.get('dataset', '')}: {out.get('epochs', '?')} epochs, {len(seeds)} seed(s), mean ± std")
+    data = Path(str(out.get("dataset", "")).removeprefix("npz:")).stem
+    ax.set_title(f"{data}: {out.get('epochs', '?')} epochs, {len(seeds)} seed(s), mean ± std", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
@@ -601,6 +602,8 @@ def merge(paths: list[str]) -> dict:
     out["merged_from"] = [{"file": Path(p).name, "command": r.get("command"), "git_commit": r.get("git_commit"),
                            "seeds": sorted({x["seed"] for x in r["rows"]})} for p, r in zip(paths, runs)]  # fmt: skip
     out["rows"] = [row for r in runs for row in r["rows"]]
+    for key in ("test_images", "val_images"):
+        out[key] = next((row[key] for row in out["rows"] if key in row), out.get(key))
     return finish(out)
 
 

@@ -73,16 +73,7 @@ def overrides(items: list[str]) -> dict:
     """``KEY=VALUE`` items as IEEConfig fields (values parsed as JSON, else kept as strings)."""
     from stp_fast.train.iee import IEEConfig
 
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or key not in IEEConfig.__dataclass_fields__:
-            raise SystemExit(f"--set {item!r}: expected KEY=VALUE with KEY an IEEConfig field")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
+    return _study().config_overrides(items, IEEConfig)
 
 
 def iee_config(args, seed: int, structure: str, method: str, budget: float):
@@ -295,10 +286,7 @@ def _target(structure: str, budget: float) -> str:
 
 
 def _pm(s: dict, key: str, scale: float = 100.0, digits: int = 2) -> str:
-    m, sd = s.get(key + "_mean"), s.get(key + "_std")
-    if m is None:
-        return "–"
-    return f"{scale * m:.{digits}f} ± {scale * sd:.{digits}f}" if s["n"] > 1 else f"{scale * m:.{digits}f}"
+    return _study()._pm(s, key, scale, digits)
 
 
 def render(out: dict) -> str:

@@ -100,7 +100,9 @@ STP_FAST_NO_EXT=1 phase triton "$P2_LIMIT" "$LOG" "$PYTHON" -m pytest -q -p no:c
   "${TESTS[@]}" --junitxml="$OUT_DIR/junit-triton.xml" -o junit_family=xunit1
 
 # P3 checks and timings, within what is left of the 8 minutes (P4 and P5 keep ~80 s).
-if [ "$GPU" = 1 ]; then BUDGET=$((440 - $(elapsed) - 80)); else BUDGET=120; fi
+# CPU mode: GPU_CHECK_CPU_BUDGET seconds for the check sections (the test raises it: a loaded CI machine
+# must not skip the correctness section for time)
+if [ "$GPU" = 1 ]; then BUDGET=$((440 - $(elapsed) - 80)); else BUDGET=${GPU_CHECK_CPU_BUDGET:-120}; fi
 [ "$BUDGET" -lt 90 ] && BUDGET=90
 QFLAG=()
 [ "$QUICK" = 1 ] && QFLAG=(--quick)
