@@ -41,8 +41,9 @@ class STPConfig:
             fell 3 points below dense training (benchmarks/accuracy.py ablation, README "Pruning quality").
         kd_ramp: fraction of training over which the KD weight rises linearly from 0 (0 = off).
         subnet_ce_weight: weight of the subnets' own label cross-entropy, reduced over the subnets like the
-            KD (0 = KD only, the paper's loss).  Default 0.5: +1.0 / +0.9 points at 15% / 5% MACs in the
-            ablation, the full net unchanged.
+            KD (0 = KD only, the paper's loss).  Default 1.0 (with the focus phase below): the subnets
+            learn from the labels as much as from the teacher; 0.5 gave +1.0 / +0.9 points at 15% / 5% MACs
+            over 0 in the ablation (README "Pruning quality").
         norm_kd: ST++ "KD-": layer-normalise teacher and student logits before the KL (not the CE).
         sampling: ``"multi"`` (depth and width) or ``"depth"`` (ST's original: depth only, full widths).
         augment: passed to the data source (``True``: its default policy).
@@ -81,8 +82,9 @@ class STPConfig:
             the pool covers depth- and width-heavy reductions evenly).  Default ``"balanced"``.
         focus_start: fraction of training after which the pools are frozen and every budget subnet is
             one of each pool's ``focus_top`` best archs (with its expansion): the arch that ships gets
-            trained directly (1 = no focus phase).  Defaults 0.6 and 2: +0.6 points at 15% MACs in the
-            ablation (the search phase keeps the first 60% of the steps).
+            trained directly (1 = no focus phase).  Defaults 0.4 and 1 (the search keeps the first 40% of
+            the steps, then each budget's best arch is trained for the rest): with ``subnet_ce_weight=1``
+            +2.0 / +1.0 points at 15% / 5% MACs over 0.6 / 2 / 0.5 (3 seeds, README "Pruning quality").
         final_candidates: best pool archs re-scored at the end.
         select_by: ``"kd"`` (KL to the full net on held-out images, after BN recalibration) or
             ``"top1"`` (held-out accuracy).
@@ -105,7 +107,7 @@ class STPConfig:
     kd_weight: float = 1.0
     kd_reduction: str = "mean"
     kd_ramp: float = 0.0
-    subnet_ce_weight: float = 0.5
+    subnet_ce_weight: float = 1.0
     norm_kd: bool = False
     sampling: str = "multi"
     augment: bool = True
@@ -130,8 +132,8 @@ class STPConfig:
     expansion_anneal: float = 0.5
     score_baseline: str = "trend"
     pool_init: str = "balanced"
-    focus_start: float = 0.6
-    focus_top: int = 2
+    focus_start: float = 0.4
+    focus_top: int = 1
     final_candidates: int = 5
     select_by: str = "kd"
     holdout: float = 0.1
