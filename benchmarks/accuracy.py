@@ -597,11 +597,16 @@ def write_json(out: dict, path: str | None) -> None:
 def merge(paths: list[str]) -> dict:
     """Combine runs (e.g. one per seed) of the same study: their rows, the first run's metadata, every
     run's command."""
-    runs = [json.loads(Path(p).read_text()) for p in paths]
+    runs, keep = [], []
+    for path in paths:  # FILE or FILE::method,method (only those rows of that file)
+        file, _, only = path.partition("::")
+        runs.append(json.loads(Path(file).read_text()))
+        keep.append(set(only.split(",")) if only else None)
     out = {k: v for k, v in runs[0].items() if k not in ("rows", "summary", "goals", "cost")}
-    out["merged_from"] = [{"file": Path(p).name, "command": r.get("command"), "git_commit": r.get("git_commit"),
-                           "seeds": sorted({x["seed"] for x in r["rows"]})} for p, r in zip(paths, runs)]  # fmt: skip
-    out["rows"] = [row for r in runs for row in r["rows"]]
+    out["merged_from"] = [{"file": Path(p.partition("::")[0]).name, "methods": sorted(k) if k else "all",
+                           "command": r.get("command"), "git_commit": r.get("git_commit"),
+                           "seeds": sorted({x["seed"] for x in r["rows"]})} for p, r, k in zip(paths, runs, keep)]  # fmt: skip
+    out["rows"] = [row for r, k in zip(runs, keep) for row in r["rows"] if k is None or row["method"] in k]
     for key in ("test_images", "val_images"):
         out[key] = next((row[key] for row in out["rows"] if key in row), out.get(key))
     return finish(out)
@@ -642,7 +647,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--plot", help="write the top-1 vs MACs plot here (png)")
     p.add_argument("--archs-from", nargs="+", metavar="JSON",
                    help="scratch: take STP's chosen archs of each seed from these result files (a recorded run)")
-    p.add_argument("--merge", nargs="+", metavar="JSON", help="combine these result files (then --json/--plot)")
+    p.add_argument("--merge", nargs="+", metavar="JSON", help="combine these result files (then --json/--plot); "
+                   "FILE::m1,m2 takes only those methods' rows of FILE")  # fmt: skip
     p.add_argument("--markdown", metavar="JSON", help="print the table of a result file and exit")
     p.add_argument("--ablation-table", nargs="+", metavar="JSON", help="print one line per STP configuration "
                    "(result files of --methods stp [dense] --set ...) and exit")  # fmt: skip

@@ -75,6 +75,13 @@ def test_summary_goals_and_merge(smoke, tmp_path):
     assert merged["cost"]["budgets"] == 2 and len(merged["cost"]["scratch_per_budget_s"]) == 2
     table = acc.render(merged)
     assert "| kept MACs | method |" in table and "±" in table and "one STP run serving 2 budgets" in table
+    # FILE::methods keeps only those rows of that file
+    assert acc.main(["--merge", str(out / "smoke.json"), str(tmp_path / "twin.json") + "::dense,stp",
+                     "--json", str(tmp_path / "part.json")]) == 0  # fmt: skip
+    part = json.loads((tmp_path / "part.json").read_text())
+    assert {r["method"] for r in part["rows"] if r["seed"] == 1} == {"dense", "stp"}
+    assert {r["method"] for r in part["rows"] if r["seed"] == 0} == {r["method"] for r in data["rows"]}
+    assert part["merged_from"][1]["methods"] == ["dense", "stp"]
 
 
 def test_validation_split_is_the_trainers_holdout():
