@@ -94,7 +94,7 @@ def convert(model: nn.Module, example_inputs, *, outputs: str | Callable | None 
         traced = _groups(model, args, kwargs, select)
         groups = _declared(traced, groups, modules) if groups is not None else traced
         notes = Notes()
-        names, stages = _stages(model, args, kwargs, depth, blocks, ignore, notes)
+        _names, stages = _stages(model, args, kwargs, depth, blocks, ignore, notes)
         _freeze(groups, modules, ignore, stages, prune_residual, width_ratios, divisor, notes)
         net = _build(model, groups, stages, select, notes, (args, kwargs), width_ratios, divisor)
         _probe_groups(net, reference, notes)

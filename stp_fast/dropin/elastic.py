@@ -290,7 +290,7 @@ def _per_member(module: nn.Module, x, original: Callable):
 def _conv_forward(self, x):
     b = context.current()
     cls = type(self)._stp_original
-    if b is None or len(b) == 1 and not isinstance(x, Multi):
+    if b is None or (len(b) == 1 and not isinstance(x, Multi)):
         return cls.forward(self, x)
     if self.padding_mode != "zeros" or not isinstance(self, nn.Conv2d):
         return _per_member(self, x, cls.forward)
@@ -314,7 +314,7 @@ def _conv_forward(self, x):
 def _linear_forward(self, x):
     b = context.current()
     cls = type(self)._stp_original
-    if b is None or len(b) == 1 and not isinstance(x, Multi):
+    if b is None or (len(b) == 1 and not isinstance(x, Multi)):
         return cls.forward(self, x)
     n = len(b)
     outs = [_kept(self, "out", w) for w in b.widths]
@@ -332,7 +332,7 @@ def _linear_forward(self, x):
 def _bn_forward(self, x):
     b = context.current()
     cls = type(self)._stp_original
-    if b is None or len(b) == 1 and not isinstance(x, Multi):
+    if b is None or (len(b) == 1 and not isinstance(x, Multi)):
         return cls.forward(self, x)
     n = len(b)
     kepts = [_kept(self, "out", w) for w in b.widths]
@@ -388,7 +388,7 @@ def _bn_factor(bn: nn.Module, updates: bool) -> float:
 def _layer_norm_forward(self, x):
     b = context.current()
     cls = type(self)._stp_original
-    if b is None or len(b) == 1 and not isinstance(x, Multi):
+    if b is None or (len(b) == 1 and not isinstance(x, Multi)):
         return cls.forward(self, x)
     shape = self.__dict__["normalized_shape"]
     w, bias = self._parameters.get("weight"), self._parameters.get("bias")

@@ -71,8 +71,9 @@ import os
 import torch
 import triton
 import triton.language as tl
-from stp_fast.kernels._common import block, device_table, input_precision, interpreted, num_sms, vec
 from torch import Tensor
+
+from stp_fast.kernels._common import block, device_table, input_precision, interpreted, num_sms, vec
 
 # Columns of the per-subnet metadata table (int64 [S, NF]).  "A" is the activation the kernel reads
 # along the reduction, "C" the other one (written by the conv kernels, read by the grad-W kernels).

@@ -32,8 +32,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from stp_fast.kernels._common import block, input_precision, interpreted, num_sms
 from torch import Tensor
+
+from stp_fast.kernels._common import block, input_precision, interpreted, num_sms
 
 
 @triton.jit

@@ -59,9 +59,10 @@ import os
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
+
 from stp_fast.kernels._common import device_table, vec
 from stp_fast.kernels._common import num_sms as _num_sms
-from torch import Tensor
 
 # Forward table columns: x, y, mean, invstd, idx, B, c_s, HW, x strides (b, c, s), y strides, first block.
 _FWD_FIELDS = 15

@@ -21,6 +21,8 @@ share H, W.  Tiling and verification: see ``stp_fast.kernels.masked_conv2d``.
 
 from __future__ import annotations
 
+from torch import Tensor
+
 from stp_fast.kernels.masked_conv2d import (
     ConvGeometry,
     SubnetConv,
@@ -32,7 +34,6 @@ from stp_fast.kernels.masked_conv2d import (
     index_arg,
     new_activation,
 )
-from torch import Tensor
 
 OP = "multi_subnet_conv2d"
 

@@ -62,9 +62,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
+
 from stp_fast.kernels._common import block, device_table, input_precision, interpreted, vec
 from stp_fast.kernels._common import num_sms as _num_sms
-from torch import Tensor
 
 # Columns of the forward / grad_x metadata table (one int64 row per scheduled subnet).
 _A, _C, _I, _J, _P, _SAI, _SAP, _SCI, _SCJ, _BP, _BJ, _START = range(12)

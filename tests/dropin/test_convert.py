@@ -9,11 +9,10 @@ import random
 import pytest
 import torch
 from torch import nn
+from zoo import HF_KINDS, LOCAL_KINDS, build
 
 import stp_fast
 from stp_fast.dropin import ConvertedNet, apply_layout, convert
-
-from zoo import HF_KINDS, LOCAL_KINDS, build
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from zoo import HF_KINDS, build
 
 from stp_fast import STPStep, convert
-
-from zoo import HF_KINDS, build
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TINY = {"pool_size": 6, "subnets_per_step": 2, "final_candidates": 2, "calib_images": 16}

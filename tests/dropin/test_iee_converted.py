@@ -5,12 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 from torch.utils.data import TensorDataset
+from zoo import build
 
 import stp_fast
 from stp_fast import convert
 from stp_fast.train.iee import IEEConfig, IEETrainer
-
-from zoo import build
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -17,12 +17,11 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
+from zoo import HF_KINDS, LOCAL_KINDS, build
 
 import stp_fast
 from stp_fast import STPStep, convert
 from stp_fast.dropin import ConversionError
-
-from zoo import HF_KINDS, LOCAL_KINDS, build
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -9,7 +9,6 @@ import pytest
 from stp_fast import models
 from stp_fast.arch import Arch
 
-
 MID = "stages.0.0.conv1"  # the inner width of block 0 of stage 0 (groups are named by their first layer)
 RES1 = "stages.1.0.downsample.0"  # stage 1's residual stream (prune_residual=True)
 
