@@ -44,7 +44,7 @@ def tf32(enabled: bool) -> Iterator[None]:
     """PyTorch's TF32 permission for cuDNN convolutions and cuBLAS matmuls inside the block (the Triton
     kernels follow the same settings, see ``stp_fast.kernels._common.input_precision``).
 
-    The correctness suites run with TF32 off (tests/ops/conftest.py, tests/kernels/conftest.py): the fast
+    The correctness suites run with TF32 off (tests/conftest.py): the fast
     path and its same-precision PyTorch baseline are then both exact fp32, as on the CPU, and the 2x rule
     holds.  Without that, cuDNN may pick an exact kernel for small odd channel counts while Triton uses
     TF32, and the rule fails by ~100x (GPU review, item 1).  TF32 itself is checked separately against
